@@ -1,5 +1,49 @@
-"""edgetrain: train and fine-tune neural networks on memory-constrained devices."""
+"""edgetrain: train and fine-tune neural networks on memory-constrained devices.
+
+The public surface::
+
+    import edgetrain as et
+    recipe = et.Recipe([et.Freeze(last_k_blocks=2)], name="last2")
+    handle = et.apply_(model, recipe)          # in place; handle.remove() undoes it
+    report = et.measure(model, (x, y))          # one real training step, measured
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from edgetrain.apply import Applied, apply_
+from edgetrain.errors import (
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EdgetrainError,
+    TrainingDiverged,
+    WeightsError,
+)
+from edgetrain.recipe import Recipe
+from edgetrain.registry import TechniqueInfo, get, list_techniques, register
+from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, Technique
+
+__all__ = [
+    "Applied",
+    "BiasOnly",
+    "BudgetError",
+    "Checkpoint",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "EdgetrainError",
+    "Freeze",
+    "Recipe",
+    "Technique",
+    "TechniqueInfo",
+    "TrainingDiverged",
+    "WeightsError",
+    "__version__",
+    "apply_",
+    "get",
+    "list_techniques",
+    "register",
+]

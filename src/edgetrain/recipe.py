@@ -1,0 +1,132 @@
+"""Recipe: an ordered list of technique configs with layer targets, as plain data.
+
+A recipe written by hand and one returned by the planner are the same object. It round-trips through
+JSON and YAML::
+
+    name: classifier-only
+    targets: null            # default targets for techniques that give none
+    techniques:
+      - type: freeze
+        classifier: true
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgetrain.errors import ConfigError
+from edgetrain.registry import config_from_dict, get
+from edgetrain.technique import Technique, _as_patterns
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Ordered technique configs applied to a model by :func:`edgetrain.apply_`.
+
+    Args:
+        techniques: configs, applied in order. An empty recipe is plain training.
+        name: short name used in benchmark rows and file names.
+        targets: default glob targets for configs whose own ``targets`` is ``None``.
+    """
+
+    techniques: tuple[Technique, ...] = ()
+    name: str = "plain"
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        techs = self.techniques
+        if isinstance(techs, Technique):
+            techs = (techs,)
+        techs = tuple(techs)
+        for t in techs:
+            if not isinstance(t, Technique):
+                raise ConfigError(f"Recipe.techniques: expected technique configs, got {type(t).__name__}")
+            get(t)  # unknown technique type -> ConfigError
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"Recipe.name: expected a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "techniques", techs)
+        object.__setattr__(self, "targets", _as_patterns(self.targets, "Recipe.targets"))
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "targets": list(self.targets) if self.targets is not None else None,
+            "techniques": [t.to_dict() for t in self.techniques],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Recipe:
+        if not isinstance(d, dict):
+            raise ConfigError(f"recipe must be a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"name", "targets", "techniques"})
+        if unknown:
+            raise ConfigError(f"recipe: unknown key(s) {unknown}; known: name, targets, techniques")
+        techs = d.get("techniques") or []
+        if not isinstance(techs, list):
+            raise ConfigError("recipe: 'techniques' must be a list")
+        return cls(tuple(config_from_dict(t) for t in techs), name=d.get("name") or "plain", targets=d.get("targets"))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"recipe JSON is malformed: {e}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Recipe:
+        try:
+            return cls.from_dict(yaml.safe_load(text))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe YAML is malformed: {str(e).splitlines()[0]}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+        path = Path(path)
+        path.write_text(self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe file (YAML or JSON by suffix); errors name the file."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+        try:
+            return cls.from_yaml(text) if path.suffix in (".yaml", ".yml") else cls.from_json(text)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @property
+    def technique_names(self) -> list[str]:
+        return [t.name for t in self.techniques]
+
+
+def as_recipe(obj: Recipe | Technique | Sequence[Technique] | dict | str | Path | None) -> Recipe:
+    """Coerce a recipe-like value (a Recipe, configs, a dict, or a file path) into a :class:`Recipe`."""
+    if obj is None:
+        return Recipe()
+    if isinstance(obj, Recipe):
+        return obj
+    if isinstance(obj, Technique):
+        return Recipe((obj,), name=obj.name)
+    if isinstance(obj, dict):
+        return Recipe.from_dict(obj)
+    if isinstance(obj, (str, Path)):
+        return Recipe.load(obj)
+    return Recipe(tuple(obj), name="+".join(t.name for t in obj) or "plain")

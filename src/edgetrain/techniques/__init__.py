@@ -1,0 +1,8 @@
+"""Built-in techniques. Importing this package registers each of them (one file per technique)."""
+
+from edgetrain.technique import Technique
+from edgetrain.techniques.bias_only import BiasOnly
+from edgetrain.techniques.checkpoint import Checkpoint
+from edgetrain.techniques.freeze import Freeze
+
+__all__ = ["BiasOnly", "Checkpoint", "Freeze", "Technique"]

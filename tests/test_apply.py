@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgetrain as et
+from edgetrain.apply import blocks, classifier, select
+from edgetrain.testing import tiny_batch, tiny_model
+
+
+def test_select_globs_in_model_order():
+    model = tiny_model()
+    assert select(model, ["features.*.0"]) == ["features.0.0", "features.1.0", "features.2.0"]
+    assert select(model, ["features.2.*"], (torch.nn.BatchNorm2d,)) == ["features.2.1"]
+
+
+def test_unknown_target_is_an_error_that_shows_real_names():
+    with pytest.raises(et.ConfigError, match="'feature.9' matches no module of TinyConvNet; names look like features"):
+        et.apply_(tiny_model(), et.Freeze(targets=["feature.9"]))
+
+
+def test_target_of_wrong_layer_type_is_an_error():
+    with pytest.raises(et.ConfigError, match="select no"):
+        et.apply_(tiny_model(), et.BiasOnly(targets=["pool"]))
+
+
+def test_blocks_and_classifier_fall_back_to_structure():
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 4))
+    assert blocks(seq) == ["0", "1", "2"] and classifier(seq) == "2"
+    with pytest.raises(et.ConfigError, match="no nn.Linear"):
+        classifier(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_conflicting_techniques_are_rejected():
+    with pytest.raises(et.ConfigError, match="conflicts"):
+        et.apply_(tiny_model(), [et.Freeze(), et.BiasOnly()])
+
+
+def test_failed_apply_rolls_back_what_was_applied():
+    model = tiny_model()
+    with pytest.raises(et.ConfigError, match="last_k_blocks"):
+        et.apply_(model, [et.Checkpoint(), et.Freeze(last_k_blocks=9)])
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_two_techniques_on_one_module_is_an_error():
+    with pytest.raises(et.ConfigError, match="patched forward"):
+        et.apply_(tiny_model(), [et.Checkpoint(targets=["features.0"]), et.Checkpoint(targets=["features.0"])])
+
+
+def test_freeze_last_k_blocks_trains_exactly_those():
+    model = tiny_model()
+    with et.apply_(model, et.Freeze(last_k_blocks=1)):
+        trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        assert trainable == ["classifier.bias", "classifier.weight", "features.2.0.weight", "features.2.1.bias",
+                             "features.2.1.weight"]
+        x, y = tiny_batch()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        assert model.features[0][0].weight.grad is None
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bias_only_trains_biases_and_classifier():
+    model = tiny_model()
+    et.apply_(model, et.BiasOnly())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"features.0.1.bias", "features.1.1.bias", "features.2.1.bias", "classifier.weight",
+                         "classifier.bias"}
