@@ -1,0 +1,37 @@
+"""``edgetrain`` command line: one module per verb, each a thin layer over a public function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgetrain import __version__
+from edgetrain.cli import bench, ls, measure, train
+from edgetrain.errors import EdgetrainError
+
+VERBS = {"train": train, "measure": measure, "bench": bench, "ls": ls}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgetrain",
+        description="Train and fine-tune neural networks within a memory budget; measure what a training step "
+        "really stores.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgetrain {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(VERBS) + "}")
+    for name, module in VERBS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return VERBS[args.verb].run(args) or 0
+    except EdgetrainError as e:
+        print(f"edgetrain: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgetrain: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,43 @@
+"""``edgetrain measure``: one real training step of a workload under a recipe, measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from edgetrain.cli._common import add_workload_args, recipe, workload
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("measure", help="measure one training step (saved, peak, state bytes, step time)",
+                       description="Run real training steps of a model under a recipe and report the fields of "
+                       "the measurement contract: saved_bytes, peak_bytes, param_bytes, grad_bytes, "
+                       "optimizer_bytes, step_seconds.")
+    add_workload_args(p)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer (default sgd, momentum 0.9)")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate of the measured steps")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up (median reported)")
+    p.add_argument("--json", action="store_true", help="print the contract fields as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgetrain.apply import apply_
+    from edgetrain.measure import format_measurement, measure
+    from edgetrain.train import TrainConfig, build_optimizer
+
+    torch.set_num_threads(args.threads)
+    wl, rec = workload(args), recipe(args)
+    data = wl.load_data("train")
+    model = wl.build_model(data.num_classes)
+    apply_(model, rec)
+    opt = build_optimizer(model, TrainConfig(steps=1, optimizer=args.optimizer, lr=args.lr))
+    m = measure(model, wl.example_batch(data), optimizer=opt, warmup=1, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"recipe": rec.name, **m.to_dict()}, indent=2))
+    else:
+        print(f"{wl.model} on {data.name}, batch {wl.batch_size}x{wl.channels}x{wl.image_size}x{wl.image_size}, "
+              f"recipe {rec.name!r}")
+        print(format_measurement(m))
+    return 0
