@@ -12,7 +12,7 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 	touch $@
 
 demo: setup
-	$(PY) -m edgetrain bench --config benchmarks/demo.yaml --threads $(THREADS)
+	$(PY) -m edgetrain bench --config benchmarks/demo.yaml --threads $(THREADS) --out runs/demo --force
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
