@@ -202,13 +202,18 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def result_paths(out_dir: str | Path, stem: str, *, force: bool = False) -> list[Path]:
+    """``stem.{json,csv,md,png}`` in ``out_dir``; an existing results file is an error unless ``force``."""
+    paths = [Path(out_dir) / f"{stem}{ext}" for ext in (".json", ".csv", ".md", ".png")]
+    if not force and paths[0].exists():
+        raise ConfigError(f"{paths[0]} exists: results are not overwritten (choose another --name, or --force)")
+    return paths
+
+
 def write_results(result: dict[str, Any], out_dir: str | Path, stem: str, *, force: bool = False) -> list[Path]:
     """Write ``stem.json``, ``.csv``, ``.md`` and ``.png`` in ``out_dir``; refuses to overwrite unless ``force``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}{ext}" for ext in (".json", ".csv", ".md", ".png")]
-    if not force and paths[0].exists():
-        raise ConfigError(f"{paths[0]} exists: results are not overwritten (choose another name, or --force)")
+    paths = result_paths(out_dir, stem, force=force)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     cols = ["name", "techniques", *CONTRACT, "saved_ratio", "peak_ratio", "trainable_param_bytes", "paper_claim"]
     with paths[1].open("w", newline="") as f:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgetrain.bench import BenchSpec, markdown_table, run_bench, write_results
+from edgetrain.bench import BenchSpec, markdown_table, result_paths, run_bench, write_results
 
 
 def add_parser(sub) -> None:
@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
         spec.name = args.name
     if args.steps is not None:
         spec.train = {k: v for k, v in spec.train.items() if k != "epochs"} | {"steps": args.steps}
+    stem = f"{spec.work.lower()}-{spec.name}"
+    result_paths(args.out, stem, force=args.force)  # fail before hours of work, not after
     result = run_bench(spec, threads=args.threads, progress=not args.no_progress)
-    paths = write_results(result, args.out, f"{spec.work.lower()}-{spec.name}", force=args.force)
+    paths = write_results(result, args.out, stem, force=args.force)
     print(markdown_table(result))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
