@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from edgetrain.apply import Undo, blocks, patch_forward
+from edgetrain.measure import account_saved
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.technique import Technique
 
@@ -58,6 +59,9 @@ def _checkpointed(block: nn.Module):
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return plain_forward(*args, **kwargs)
+        # checkpoint keeps the block's inputs alive for the recomputation; its own saved-tensor hooks hide them
+        # from the meter, so report them (each storage counts once).
+        account_saved(*(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)))
         return checkpoint(
             plain_forward, *args, use_reentrant=False, preserve_rng_state=True,
             context_fn=lambda: (contextlib.nullcontext(), _keep_bn_stats(block)), **kwargs,
