@@ -22,9 +22,12 @@ from edgetrain.errors import (
     TrainingDiverged,
     WeightsError,
 )
+from edgetrain.measure import Measurement, measure
 from edgetrain.recipe import Recipe
 from edgetrain.registry import TechniqueInfo, get, list_techniques, register
 from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, Technique
+from edgetrain.train import TrainConfig, TrainResult, evaluate, train
+from edgetrain.workload import Workload
 
 __all__ = [
     "Applied",
@@ -36,14 +39,21 @@ __all__ = [
     "DataError",
     "EdgetrainError",
     "Freeze",
+    "Measurement",
     "Recipe",
     "Technique",
     "TechniqueInfo",
+    "TrainConfig",
+    "TrainResult",
     "TrainingDiverged",
     "WeightsError",
+    "Workload",
     "__version__",
     "apply_",
+    "evaluate",
     "get",
     "list_techniques",
+    "measure",
     "register",
+    "train",
 ]
