@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import os
+import sys
 import dataclasses
 import statistics
 import time
@@ -127,6 +129,25 @@ def account_saved(*tensors: Tensor) -> None:
             meter.account(t)
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 briefly: the profiler's native library logs every start and stop there."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (e.g. some notebook front ends): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class PeakMeter:
     """Context manager: peak live tensor bytes from the profiler's allocator events.
 
@@ -142,11 +163,13 @@ class PeakMeter:
         self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
 
     def __enter__(self) -> PeakMeter:
-        self._prof.__enter__()
+        with _quiet_native_stderr():
+            self._prof.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._prof.__exit__(*exc)
+        with _quiet_native_stderr():
+            self._prof.__exit__(*exc)
         events = [e for e in self._prof.profiler.kineto_results.events()
                   if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
         running = peak = 0
