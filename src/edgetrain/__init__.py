@@ -25,7 +25,7 @@ from edgetrain.errors import (
 from edgetrain.measure import Measurement, measure
 from edgetrain.recipe import Recipe
 from edgetrain.registry import TechniqueInfo, get, list_techniques, register
-from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, Technique
+from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, GradientFilter, Technique
 from edgetrain.train import TrainConfig, TrainResult, evaluate, train
 from edgetrain.workload import Workload
 
@@ -39,6 +39,7 @@ __all__ = [
     "DataError",
     "EdgetrainError",
     "Freeze",
+    "GradientFilter",
     "Measurement",
     "Recipe",
     "Technique",

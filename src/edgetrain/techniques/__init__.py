@@ -4,5 +4,6 @@ from edgetrain.technique import Technique
 from edgetrain.techniques.bias_only import BiasOnly
 from edgetrain.techniques.checkpoint import Checkpoint
 from edgetrain.techniques.freeze import Freeze
+from edgetrain.techniques.gradient_filter import GradientFilter
 
-__all__ = ["BiasOnly", "Checkpoint", "Freeze", "Technique"]
+__all__ = ["BiasOnly", "Checkpoint", "Freeze", "GradientFilter", "Technique"]
