@@ -1,0 +1,143 @@
+"""Dataset names and paths to :class:`ImageData`: :func:`load_data`."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgetrain.data.core import ImageData, Transform, channel_stats
+from edgetrain.data.files import SPLITS, load_image_folder, load_npz
+from edgetrain.data.idx import DIGIT_CLASSES, find_fashion_mnist, has_idx_files, load_fashion_mnist, load_idx_dir, \
+    load_mnist
+from edgetrain.errors import ConfigError, DataError
+
+# torchvision's ImageNet statistics (torchvision.models weights' transforms), the inputs its pretrained models expect
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_MAX = 16.0  # sklearn load_digits: each pixel is an integer in 0..16 (UCI Optical Recognition of Digits)
+DIGITS_TEST_FRACTION, DIGITS_SEED = 0.2, 0  # our fixed split: stratified 80/20 with seed 0 -> 1,437 / 360
+NORMALIZE = ("imagenet", "dataset", "none")
+
+
+def load_digits_split(split: str) -> ImageData:
+    """scikit-learn's bundled digits (1,797 8x8 images, 10 classes) as float32 in [0, 1] (pixels / 16).
+
+    The set has no official split; ours is a stratified 80/20 ``train_test_split`` with
+    ``random_state=0``: 1,437 train and 360 test images, each in the original order.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train, test = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_TEST_FRACTION,
+                                   random_state=DIGITS_SEED, stratify=digits.target)
+    index = np.sort(train if split == "train" else test)
+    images = torch.from_numpy((digits.images[index] / DIGITS_MAX).astype(np.float32)).unsqueeze(1)  # (N, 1, 8, 8)
+    labels = torch.from_numpy(digits.target[index].astype(np.int64))  # (N,)
+    return ImageData(images, labels, list(DIGIT_CLASSES), f"digits/{split}")
+
+
+NAMED: dict[str, Callable[[str], ImageData]] = {
+    "fashion-mnist": load_fashion_mnist,
+    "mnist": load_mnist,
+    "digits": load_digits_split,
+}
+
+
+def default_source() -> str:
+    """``"fashion-mnist"`` when :func:`find_fashion_mnist` finds its IDX files, else ``"digits"``."""
+    return "fashion-mnist" if find_fashion_mnist() is not None else "digits"
+
+
+def _load_raw(source: str | Path, split: str) -> ImageData:
+    if isinstance(source, str) and source in NAMED:
+        return NAMED[source](split)
+    path = Path(source)
+    if path.is_dir():
+        return load_idx_dir(path, split) if has_idx_files(path) else load_image_folder(path, split)
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return load_npz(path, split)
+        if "-ubyte" in path.name:
+            raise DataError(f"{path}: an IDX file; pass the directory holding the four IDX files instead")
+        raise DataError(f"{path}: unsupported data file (expected a .npz file, a directory of IDX files or an "
+                        f"ImageFolder directory)")
+    raise DataError(f"unknown data source {str(source)!r}: neither a dataset name ({', '.join(NAMED)}) nor an "
+                    f"existing file or directory")
+
+
+def _check_options(split: str, image_size: int | None, channels: int | None, normalize: str,
+                   limit: int | None) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: expected 'train' or 'test'")
+    if normalize not in NORMALIZE:
+        raise ConfigError(f"normalize: unknown {normalize!r}; expected one of {', '.join(NORMALIZE)}")
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"channels: must be 1, 3 or None, got {channels!r}")
+    for what, v in (("image_size", image_size), ("limit", limit)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"{what}: must be a positive int or None, got {v!r}")
+
+
+def _normalisation(data: ImageData, normalize: str, channels: int | None
+                   ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    c = channels if channels is not None else data.images.shape[1]
+    if normalize == "none":
+        return None, None
+    if normalize == "dataset":
+        return channel_stats(data.images, channels)
+    if c == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if c == 1:  # gray: the mean of the three channel statistics
+        return (statistics.fmean(IMAGENET_MEAN),), (statistics.fmean(IMAGENET_STD),)
+    raise DataError(f"{data.name}: imagenet normalisation needs 1 or 3 channels, the images have {c}; "
+                    f"pass channels=1 or 3, or normalize='dataset'")
+
+
+def load_data(source: str | Path | None = None, split: str = "train", *, image_size: int | None = None,
+              channels: int | None = None, normalize: str = "imagenet", limit: int | None = None) -> ImageData:
+    """Load one split of a dataset, with a per-batch transform to the model's input.
+
+    Sources (a name wins over a same-named directory; write ``./digits`` for the directory):
+
+    * ``None``: :func:`default_source` -- Fashion-MNIST if installed, else digits.
+    * ``"fashion-mnist"``: IDX files in ``$EDGETRAIN_FASHION_MNIST`` or ``/usr/share/datasets/fashion-mnist``
+      (Debian package ``dataset-fashion-mnist``); 60,000 train / 10,000 test 28x28 gray images.
+    * ``"mnist"``: IDX files in ``$EDGETRAIN_MNIST``.
+    * ``"digits"``: scikit-learn's bundled 8x8 digits, pixels / 16. No official split exists: ours is a
+      deterministic stratified 80/20 split with seed 0 (1,437 train / 360 test).
+    * a directory: its IDX files if it holds ``*-ubyte[.gz]`` files, else an ImageFolder (one
+      subdirectory per class; ``train/`` and ``test/`` subfolders if present, else the whole
+      directory for either split).
+    * an ``.npz`` file: ``x``/``images`` and ``y``/``labels`` arrays (optional ``classes``); see
+      :func:`edgetrain.data.files.load_npz`.
+
+    Args:
+        source: dataset name, directory or ``.npz`` path.
+        split: ``"train"`` or ``"test"``.
+        image_size: resize to ``image_size`` x ``image_size`` per batch; ``None`` keeps the source size.
+        channels: 1 (grayscale) or 3 (gray replicated); ``None`` keeps the source channels.
+        normalize: ``"imagenet"`` (mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225); their means for
+            one channel), ``"dataset"`` (this split's own per-channel mean/std, after the channel
+            conversion) or ``"none"`` (inputs in [0, 1]).
+        limit: keep only the first ``limit`` samples in file order (no shuffle; a copy, so the rest
+            is freed).
+
+    Raises:
+        DataError: the data is missing or malformed, or the split or source is unknown.
+        ConfigError: an option is invalid.
+    """
+    _check_options(split, image_size, channels, normalize, limit)
+    data = _load_raw(default_source() if source is None else source, split)
+    if limit is not None and limit < len(data):
+        data = dataclasses.replace(data, images=data.images[:limit].clone(), labels=data.labels[:limit].clone(),
+                                   name=f"{data.name}[:{limit}]")
+    if channels == 3 and data.images.shape[1] not in (1, 3):
+        raise DataError(f"{data.name}: cannot turn {data.images.shape[1]}-channel images into 3 channels")
+    mean, std = _normalisation(data, normalize, channels)
+    return data.with_transform(Transform(image_size, channels, mean, std))
