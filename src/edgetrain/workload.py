@@ -66,6 +66,10 @@ class Workload:
 
         normalize = "imagenet" if self.pretrained else "dataset"
         data = load_data(self.data, split, image_size=self.image_size, channels=self.channels, normalize=normalize)
+        if normalize == "dataset" and split != "train":  # evaluate with the training split's statistics
+            t = load_data(self.data, "train", image_size=self.image_size, channels=self.channels,
+                          normalize=normalize).transform
+            data = data.with_transform(dataclasses.replace(data.transform, mean=t.mean, std=t.std))
         n = self.train_subset if split == "train" else self.eval_subset
         if n is not None and n < len(data):
             data = data.subset(n, seed=self.seed)
