@@ -1,9 +1,10 @@
 """Built-in techniques. Importing this package registers each of them (one file per technique)."""
 
 from edgetrain.technique import Technique
+from edgetrain.techniques.actnn import ActNN
 from edgetrain.techniques.bias_only import BiasOnly
 from edgetrain.techniques.checkpoint import Checkpoint
 from edgetrain.techniques.freeze import Freeze
 from edgetrain.techniques.gradient_filter import GradientFilter
 
-__all__ = ["BiasOnly", "Checkpoint", "Freeze", "GradientFilter", "Technique"]
+__all__ = ["ActNN", "BiasOnly", "Checkpoint", "Freeze", "GradientFilter", "Technique"]
