@@ -6,5 +6,6 @@ from edgetrain.techniques.bias_only import BiasOnly
 from edgetrain.techniques.checkpoint import Checkpoint
 from edgetrain.techniques.freeze import Freeze
 from edgetrain.techniques.gradient_filter import GradientFilter
+from edgetrain.techniques.mobiletl import MobileTL
 
-__all__ = ["ActNN", "BiasOnly", "Checkpoint", "Freeze", "GradientFilter", "Technique"]
+__all__ = ["ActNN", "BiasOnly", "Checkpoint", "Freeze", "GradientFilter", "MobileTL", "Technique"]
