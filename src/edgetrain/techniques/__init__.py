@@ -3,10 +3,11 @@
 from edgetrain.technique import Technique
 from edgetrain.techniques.actnn import ActNN
 from edgetrain.techniques.bias_only import BiasOnly
+from edgetrain.techniques.bnn_edge import BNNEdge
 from edgetrain.techniques.checkpoint import Checkpoint
 from edgetrain.techniques.comet import Comet
 from edgetrain.techniques.freeze import Freeze
 from edgetrain.techniques.gradient_filter import GradientFilter
 from edgetrain.techniques.mobiletl import MobileTL
 
-__all__ = ["ActNN", "BiasOnly", "Checkpoint", "Comet", "Freeze", "GradientFilter", "MobileTL", "Technique"]
+__all__ = ["ActNN", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "MobileTL", "Technique"]
