@@ -25,11 +25,12 @@ def test_meter_shows_the_saving():
     model = TinyConvNet(in_channels=1, width=16)
     x, y = torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,))
     plain = measure(model, (x, y), repeats=1)
-    two = measure(model, (x, y), recipe=ActNN(bits=2), repeats=1)
+    two = measure(model, (x, y), recipe=ActNN(bits=2, norm_bits=None), repeats=1)
+    default = measure(model, (x, y), recipe=ActNN(), repeats=1)  # 2-bit convs, 8-bit BN inputs
     eight = measure(model, (x, y), recipe=ActNN(bits=8), repeats=1)
     # conv/BN inputs at 2.125 bits, ReLU outputs at 1 bit; plain keeps everything in fp32
     assert two.saved_bytes < plain.saved_bytes / 10
-    assert two.saved_bytes < eight.saved_bytes < plain.saved_bytes / 2.5
+    assert two.saved_bytes < default.saved_bytes < eight.saved_bytes < plain.saved_bytes / 2.5
 
 
 def test_dropout_keeps_a_bit_mask_and_the_same_output():
@@ -68,7 +69,7 @@ def test_eight_bits_is_close_to_plain():
     errs = {}
     for bits in (2, 8):
         q = copy.deepcopy(model)
-        et.apply_(q, ActNN(bits=bits, min_bytes=0))
+        et.apply_(q, ActNN(bits=bits, norm_bits=None, min_bytes=0))
         _, got = step_grads(q, (x, y))
         flat = torch.cat([(got[n] - g).flatten() for n, g in exact.items()])
         errs[bits] = float(flat.norm() / torch.cat([g.flatten() for g in exact.values()]).norm())
@@ -92,6 +93,8 @@ def test_config_errors_are_clear():
         ActNN(bits=3)
     with pytest.raises(et.ConfigError, match="ActNN.noise"):
         ActNN(noise="gaussian")
+    with pytest.raises(et.ConfigError, match="ActNN.norm_bits"):
+        ActNN(norm_bits=16)
     with pytest.raises(et.ConfigError, match="ActNN.group_size"):
         ActNN(group_size=1)
     with pytest.raises(et.ConfigError, match="select no"):
