@@ -99,3 +99,14 @@ def test_config_errors_are_clear():
         ActNN(group_size=1)
     with pytest.raises(et.ConfigError, match="select no"):
         et.apply_(TinyConvNet(), ActNN(targets=["pool"]))
+
+
+def test_estimate_layer_matches_the_payload():
+    from edgetrain.compress import GroupQuantCodec
+    from edgetrain.techniques.actnn import estimate_layer
+
+    shape = (4, 24, 10, 10)  # D = 2400: padded to 2560 per sample
+    est = estimate_layer([shape], ActNN(bits=2))
+    assert est["plain_bytes"] == 4 * 4 * 2400
+    assert est["saved_bytes"] == GroupQuantCodec(2).encode(torch.randn(shape)).nbytes
+    assert estimate_layer([shape], ActNN(), mask=True)["saved_bytes"] == 4 * 2400 // 8
