@@ -68,7 +68,8 @@ def main() -> None:
                                                    "weights": "random init"}), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     for row in rows:
-        print(f"{row['name']}: step x{row['step_ratio_median']}, saved x{row['saved_ratio']}, peak x{row['peak_ratio']}")
+        print(f"{row['name']}: step x{row['step_ratio_median']}, saved x{row['saved_ratio']}, "
+              f"peak x{row['peak_ratio']}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ Chen, Zheng, Li, Mahoney, Stoica, Gonzalez, *ActNN: Reducing Training Memory Foo
 Activation Compressed Training*, ICML 2021, arXiv:2104.14129 (official code ``ucbrise/actnn``).
 
 Every tensor that a targeted conv / linear / norm layer saves for backward is quantised per group of 256
-elements (min/max in bfloat16) to ``bits`` bits (``norm_bits``, default 8, for normalisation-layer inputs:
-with 2-bit BatchNorm inputs, T1 fine-tuning of MobileNetV2 diverged to NaN within 20 steps, measured) with unbiased stochastic rounding, bit-packed, and
-dequantised in backward (:class:`edgetrain.compress.GroupQuantCodec`). ReLU and ReLU6 instead save a
-packed 1-bit mask, which is exact, and Dropout keeps its mask as packed bits. Parameters are never quantised; forward values are unchanged.
+elements (min/max in bfloat16) to ``bits`` bits with unbiased stochastic rounding, bit-packed, and
+dequantised in backward (:class:`edgetrain.compress.GroupQuantCodec`). Normalisation-layer inputs use
+``norm_bits`` (default 8): with 2-bit BatchNorm inputs, T1 fine-tuning of MobileNetV2 diverged to NaN
+within 20 steps (measured). ReLU and ReLU6 instead save a packed 1-bit mask, which is exact, and Dropout
+keeps its mask as packed bits. Parameters are never quantised; forward values are unchanged.
 
 Stored for backward: ``bits + 0.125`` bits per element of each saved activation (plus padding to whole
 groups), 1 bit per ReLU/ReLU6 element, and small tensors (< ``min_bytes``, e.g. BN statistics) as they are.
@@ -90,7 +91,9 @@ def _apply(model: nn.Module, cfg: ActNN, targets: list[str]) -> CompressHandle:
     modules = dict(model.named_modules())
     compressor = SavedCompressor(lambda: [*model.parameters(), *model.buffers()], cfg.min_bytes)
     codec = GroupQuantCodec(cfg.bits, cfg.group_size, cfg.noise)
-    norm_codec = codec if cfg.norm_bits in (None, cfg.bits) else GroupQuantCodec(cfg.norm_bits, cfg.group_size, cfg.noise, seed=1)
+    norm_codec = codec
+    if cfg.norm_bits not in (None, cfg.bits):
+        norm_codec = GroupQuantCodec(cfg.norm_bits, cfg.group_size, cfg.noise, seed=1)
     handle = CompressHandle(compressor)
     for name in targets:
         m = modules[name]

@@ -75,7 +75,10 @@ class BinaryConv2d(nn.Conv2d):
 
 
 def binary_mlp(in_features: int = 784, hidden: int = 256, depth: int = 4, num_classes: int = 10) -> nn.Sequential:
-    """The paper's MNIST MLP (4 x 256, ``model_architectures.py``): [BinaryLinear, BN, Sign] x depth, BinaryLinear, BN."""
+    """The paper's MNIST MLP (4 x 256, ``model_architectures.py``).
+
+    Layers: Flatten, [BinaryLinear, BatchNorm1d, SignActivation] x depth, BinaryLinear, BatchNorm1d.
+    """
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for i in range(depth):
@@ -112,7 +115,8 @@ class EdgeBinaryLayer(torch.autograd.Function):
     weight's dtype (fp16), masked by the clip STE ``|W| <= 1``; incoming gradient rounded to fp16."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, conv: tuple | None, first: bool, fp16_grad: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, conv: tuple | None, first: bool,  # type: ignore[override]
+                fp16_grad: bool) -> Tensor:
         wb = _sign(weight).to(x.dtype)
         ctx.conv, ctx.first, ctx.fp16_grad, ctx.shape, ctx.dtype = conv, first, fp16_grad, x.shape, x.dtype
         ctx.save_for_backward(x if first else pack_mask(x >= 0), weight)
@@ -144,7 +148,8 @@ class EdgeL1BatchNorm(torch.autograd.Function):
     sigma_1 and kappa (per channel); approximate backward of the paper."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, beta: Tensor, mu: Tensor, sigma: Tensor, fp16_grad: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, beta: Tensor, mu: Tensor, sigma: Tensor,  # type: ignore[override]
+                fp16_grad: bool) -> Tensor:
         view = (1, -1) + (1,) * (x.dim() - 2)
         xhat = (x - mu.view(view)) / sigma.view(view)  # same shape as x
         dims = [d for d in range(x.dim()) if d != 1]

@@ -46,6 +46,7 @@ from edgetrain.technique import Technique, check
 COMPRESSED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 MASK_LAYERS = (nn.ReLU, nn.ReLU6)
 LAYER_TYPES = COMPRESSED_LAYERS + MASK_LAYERS + (nn.Dropout,)
+_BN = nn.modules.batchnorm._BatchNorm
 BACKENDS = {"torch": ErrorBoundedCodec, "sz3": SZ3Codec}
 
 
@@ -165,7 +166,7 @@ def _apply(model: nn.Module, cfg: Comet, targets: list[str]) -> CometHandle:
             patch_forward(m, dropout_forward(m), handle)
         elif type(m) in MASK_LAYERS:
             patch_forward(m, masked_forward(m), handle)
-        elif isinstance(m, COMPRESSED_LAYERS) and (cfg.compress_bn or not isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        elif isinstance(m, COMPRESSED_LAYERS) and (cfg.compress_bn or not isinstance(m, _BN)):
             codec = handle.codecs[name] = BACKENDS[cfg.backend](cfg.eb)
             inner = hooked_forward(m, compressor, lambda c=codec: c)
             patch_forward(m, _adaptive_forward(name, m, cfg, handle, inner) if cfg.adaptive else inner, handle)
