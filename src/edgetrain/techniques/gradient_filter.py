@@ -89,7 +89,9 @@ def _pad_to(t: Tensor, before: tuple[int, int], size: tuple[int, int]) -> Tensor
 def block_sum(t: Tensor, blocks: tuple[int, int], block: tuple[int, int], before: tuple[int, int]) -> Tensor:
     """Sum ``t`` (N, C, H, W) over a grid of ``blocks`` zero-padded blocks of size ``block`` -> (N, C, P_h, P_w)."""
     n, c = t.shape[:2]
-    t = _pad_to(t, before, (blocks[0] * block[0], blocks[1] * block[1]))
+    size = (blocks[0] * block[0], blocks[1] * block[1])
+    if tuple(t.shape[-2:]) != size or any(before):  # F.pad copies even when there is nothing to pad
+        t = _pad_to(t, before, size)
     return t.reshape(n, c, blocks[0], block[0], blocks[1], block[1]).sum((3, 5))
 
 
@@ -112,7 +114,11 @@ class FilteredConv2d(torch.autograd.Function):
         (ph, pw), block, pad_x, _ = geo
         need_w, need_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         x_sum = block_sum(x, (ph, pw), block, pad_x) if need_w else None  # (N, C_in, P_h, P_w)
-        w_sum = weight.detach().sum((-1, -2)) if need_x else None  # (C_out, C_in/g)
+        # θ̃ (C_out, C_in/g); for a 1x1 kernel it is the weight itself: save a view, not a copy
+        w_sum = None
+        if need_x:
+            w = weight.detach()
+            w_sum = w.view(w.shape[0], w.shape[1]) if w.shape[-2:] == (1, 1) else w.sum((-1, -2))
         ctx.save_for_backward(x_sum, w_sum)
         ctx.meta = (x.shape, weight.shape, y.shape[-2:], geo, groups, r, stride, stride_correction, bias is not None)
         return y
@@ -130,8 +136,9 @@ class FilteredConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             wg = w_sum.reshape(groups, cout // groups, cin // groups)  # (g, Co/g, Ci/g)
             patch = torch.einsum("ngop,goi->ngip", g_bar, wg).reshape(n, cin, ph, pw) * scale  # (N, C_in, P_h, P_w)
-            full = patch.repeat_interleave(block[0], 2).repeat_interleave(block[1], 3)  # (N, C_in, P_h R_h, P_w R_w)
-            gx = _pad_to(full, (-pad_x[0], -pad_x[1]), (h, w))  # crop to (N, C_in, H, W)
+            full = patch[:, :, :, None, :, None].expand(n, cin, ph, block[0], pw, block[1])  # a view, no copy
+            full = full.reshape(n, cin, ph * block[0], pw * block[1])  # (N, C_in, P_h R_h, P_w R_w): one copy
+            gx = full[:, :, pad_x[0]:pad_x[0] + h, pad_x[1]:pad_x[1] + w]  # crop to (N, C_in, H, W)
         if ctx.needs_input_grad[1]:
             xs = x_sum.reshape(n, groups, cin // groups, ph * pw)  # (N, g, Ci/g, P)
             gsum = torch.einsum("ngop,ngip->goi", g_bar, xs).reshape(cout, cin // groups) * scale  # (C_out, C_in/g)
@@ -199,7 +206,8 @@ def estimate_conv(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
     plain_macs = 2 * n * cout * cin_g * kh * kw * ho * wo  # input-grad + weight-grad convolutions
     return {
         "plain_saved_bytes": n * cin * h * w * bytes_per_elem,
-        "saved_bytes": (n * cin * ph * pw + (cout * cin_g if input_grad else 0)) * bytes_per_elem,  # x̃ (and θ̃)
+        # x̃, and θ̃ unless the kernel is 1x1 (then θ̃ is a view of the weight, which is not an activation)
+        "saved_bytes": (n * cin * ph * pw + (cout * cin_g if input_grad and kh * kw > 1 else 0)) * bytes_per_elem,
         "plain_backward_macs": plain_macs if input_grad else plain_macs // 2,
         "backward_macs": (2 if input_grad else 1) * n * cout * cin_g * ph * pw,  # (co, ci) contractions on patches
     }
