@@ -89,14 +89,20 @@ def _pad_to(t: Tensor, before: tuple[int, int], size: tuple[int, int]) -> Tensor
 def block_sum(t: Tensor, blocks: tuple[int, int], block: tuple[int, int], before: tuple[int, int]) -> Tensor:
     """Sum ``t`` (N, C, H, W) over a grid of ``blocks`` zero-padded blocks of size ``block`` -> (N, C, P_h, P_w)."""
     n, c = t.shape[:2]
-    size = (blocks[0] * block[0], blocks[1] * block[1])
-    if tuple(t.shape[-2:]) != size or any(before):  # F.pad copies even when there is nothing to pad
-        t = _pad_to(t, before, size)
-    return t.reshape(n, c, blocks[0], block[0], blocks[1], block[1]).sum((3, 5))
+    if all(2 * b <= k for b, k in zip(before, block)):  # one pooling kernel, no padded copy
+        out = F.avg_pool2d(t, block, block, before, ceil_mode=True, divisor_override=1)
+        if tuple(out.shape[-2:]) == tuple(blocks):
+            return out
+    t = _pad_to(t, before, (blocks[0] * block[0], blocks[1] * block[1]))
+    return t.reshape(n, c, blocks[0], block[0], blocks[1], block[1]).sum(5).sum(3)
 
 
 def patch_average(g: Tensor, blocks: tuple[int, int], r: int, before: tuple[int, int]) -> Tensor:
     """ḡ: mean of ``g`` (N, C, H_o, W_o) over each r x r patch, counting only valid (unpadded) elements."""
+    if all(2 * b <= r for b in before):  # one pooling kernel; padded elements are not counted
+        out = F.avg_pool2d(g, r, r, before, ceil_mode=True, count_include_pad=False)
+        if tuple(out.shape[-2:]) == tuple(blocks):
+            return out
     total = block_sum(g, blocks, (r, r), before)  # (N, C, P_h, P_w)
     count = block_sum(torch.ones((1, 1, *g.shape[-2:]), dtype=g.dtype), blocks, (r, r), before)  # (1, 1, P_h, P_w)
     return total / count
