@@ -60,6 +60,11 @@ def _apply(model: nn.Module, cfg: BiasOnly, targets: list[str]) -> Undo:
     return undo
 
 
+def estimate(table, cfg, targets, model) -> None:  # noqa: ANN001
+    """Cost model: nothing to add. The trace already sees the frozen ``requires_grad`` flags, and the no-save
+    forwards of :mod:`._frozen` keep only frozen weights (parameters, not activations)."""
+
+
 register(
     TechniqueInfo(
         config=BiasOnly,
@@ -71,5 +76,6 @@ register(
         layer_types=BIASED,
         conflicts=frozenset({"freeze"}),
         examples=(BiasOnly(), BiasOnly(classifier=False)),
+        estimate=estimate,
     )
 )

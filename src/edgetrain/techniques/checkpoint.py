@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import torch
@@ -78,6 +79,19 @@ def _apply(model: nn.Module, cfg: Checkpoint, targets: list[str]) -> Undo:
     return undo
 
 
+def estimate(table, cfg, targets, model) -> None:  # noqa: ANN001
+    """Cost model: a checkpointed block keeps its input (fp32) instead of everything its ops keep."""
+    for block in targets:
+        in_shape = table.shapes.get(block, (None, None))[0]
+        for name, row in table.layers.items():
+            if name == block or name.startswith(block + "."):
+                row.saved_per_sample, row.saved_fixed, row.technique = 0.0, 0.0, "checkpoint"
+        if in_shape is not None:
+            row = table.row(block)
+            row.saved_per_sample += math.prod(in_shape) * 4
+            row.technique = "checkpoint"
+
+
 register(
     TechniqueInfo(
         config=Checkpoint,
@@ -87,5 +101,6 @@ register(
         reduces=frozenset({"activations"}),
         default_targets=blocks,
         examples=(Checkpoint(),),
+        estimate=estimate,
     )
 )

@@ -72,6 +72,11 @@ def _apply(model: nn.Module, cfg: Freeze, targets: list[str]) -> Undo:
     return undo
 
 
+def estimate(table, cfg, targets, model) -> None:  # noqa: ANN001
+    """Cost model: nothing to add. The trace already sees the frozen ``requires_grad`` flags, and the no-save
+    forwards of :mod:`._frozen` keep only frozen weights (parameters, not activations)."""
+
+
 register(
     TechniqueInfo(
         config=Freeze,
@@ -82,5 +87,6 @@ register(
         default_targets=lambda model: [],
         conflicts=frozenset({"bias_only"}),
         examples=(Freeze(), Freeze(last_k_blocks=2)),
+        estimate=estimate,
     )
 )

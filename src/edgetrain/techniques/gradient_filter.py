@@ -219,6 +219,22 @@ def estimate_conv(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
     }
 
 
+def estimate(table, cfg: GradientFilter, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
+    """Cost model: each filtered conv keeps x̃ per sample, plus θ̃ once (k > 1, not the first trainable conv:
+    everything below the first filtered conv is frozen, so its input needs no gradient)."""
+    if cfg.radius == 1:
+        return  # exact path: stock conv2d, already in the trace
+    modules = dict(model.named_modules())
+    for i, name in enumerate(filtered_convs(model, cfg, targets)):
+        conv, (in_shape, out_shape) = modules[name], table.shapes[name]
+        est = estimate_conv((1, *in_shape), tuple(conv.weight.shape), tuple(out_shape[-2:]), conv.stride,
+                            conv.groups, cfg.radius, input_grad=i > 0)
+        theta = conv.weight[:, :, 0, 0].numel() * 4 if i > 0 and conv.kernel_size != (1, 1) else 0
+        row = table.row(name)
+        row.saved_per_sample += est["saved_bytes"] - theta  # x̃ of one sample
+        row.saved_fixed += theta
+        row.technique = "gradient_filter"
+
 register(
     TechniqueInfo(
         config=GradientFilter,
@@ -232,5 +248,6 @@ register(
         exact=False,
         grad_tolerance=0.0,
         examples=(GradientFilter(radius=2, last_n_convs=2), GradientFilter(radius=4, stride_correction=True)),
+        estimate=estimate,
     )
 )

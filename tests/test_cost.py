@@ -1,0 +1,104 @@
+"""The analytic cost model against the meter: saved, gradient and optimizer bytes within 10% (issue 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgetrain as et
+from edgetrain.cost import estimate, format_table
+from edgetrain.models import create_model
+from edgetrain.testing import tiny_batch, tiny_model
+
+TOL = 0.10  # the issue's bar; the rules are byte-exact on the models below
+
+
+def _close(est: int, meas: int) -> bool:
+    return abs(est - meas) <= TOL * max(meas, 1)
+
+
+def _check(model, batch, recipe=None, optimizer="sgd_momentum"):
+    x, _ = batch
+    table = estimate(model, recipe, tuple(x.shape[1:]), x.shape[0], optimizer)
+    m = et.measure(model, batch, recipe=recipe, warmup=1, repeats=1)
+    assert _close(table.saved_bytes, m.saved_bytes), (table.saved_bytes, m.saved_bytes, m.saved_by_module)
+    assert table.grad_bytes == m.grad_bytes
+    assert table.optimizer_bytes == m.optimizer_bytes
+    return table, m
+
+
+@pytest.mark.parametrize("name,shape,kw", [
+    ("mobilenet_v2", (3, 32, 32), {"width_mult": 0.35}),
+    ("small_cnn", (1, 28, 28), {"in_channels": 1}),
+    ("mcunet_tiny", (3, 32, 32), {}),
+    ("resnet18", (3, 16, 16), {"small_input": True}),
+    ("tiny_transformer", (3, 32, 32), {"image_size": 32}),
+])
+def test_plain_step_matches_the_meter(name, shape, kw):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **kw)
+    _check(model, (torch.randn(4, *shape), torch.randint(0, 10, (4,))))
+
+
+def test_saved_bytes_scale_with_the_batch_size():
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    t4 = estimate(model, None, (1, 28, 28), 4)
+    t16 = estimate(model, None, (1, 28, 28), 16)
+    _check(model, (torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))))
+    assert t16.saved_bytes > 3.5 * t4.saved_bytes
+
+
+CASES = [pytest.param(info, cfg, id=f"{info.name}-{i}") for info in et.list_techniques() if info.estimate
+         for i, cfg in enumerate(info.examples)]
+
+
+@pytest.mark.parametrize("info,cfg", CASES)
+def test_every_estimate_is_within_10_percent_of_the_meter(info, cfg):
+    _check(tiny_model(), tiny_batch(8), cfg)
+
+
+@pytest.mark.parametrize("recipe", [
+    et.Freeze(last_k_blocks=2), et.BiasOnly(), et.Checkpoint(), et.GradientFilter(radius=4, last_n_convs=4),
+    et.GradientFilter(radius=2, last_n_convs=8, stride_correction=True),
+], ids=repr)
+def test_estimates_on_mobilenet_v2(recipe):
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=10, width_mult=0.35)
+    _check(model, (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))), recipe)
+
+
+@pytest.mark.parametrize("opt,copies", [("sgd", 0), ("sgd_momentum", 1), ("adamw", 2)])
+def test_optimizer_state_copies(opt, copies):
+    t = estimate(tiny_model(), et.Freeze(), (1, 8, 8), 4, optimizer=opt)
+    assert t.grad_bytes > 0
+    assert t.optimizer_bytes == copies * t.grad_bytes
+
+
+def test_estimate_leaves_the_model_unchanged():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    estimate(model, et.BiasOnly(), (1, 8, 8), 4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_technique_without_a_cost_model_is_a_clear_error():
+    missing = [i for i in et.list_techniques() if i.estimate is None]
+    if not missing:
+        pytest.skip("every technique has a cost model")
+    with pytest.raises(et.ConfigError, match=f"no cost model for {missing[0].name}"):
+        estimate(tiny_model(), missing[0].examples[0], (1, 8, 8), 4)
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(et.ConfigError, match="optimizer must be one of"):
+        estimate(tiny_model(), None, (1, 8, 8), 4, optimizer="lion")
+    with pytest.raises(et.ConfigError, match="batch_size"):
+        estimate(tiny_model(), None, (1, 8, 8), 0)
+
+
+def test_format_table_lists_layers_and_totals():
+    text = format_table(estimate(tiny_model(), et.Freeze(), (1, 8, 8), 4))
+    assert "trainable state + activations" in text and "(loss)" in text
