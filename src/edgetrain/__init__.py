@@ -25,7 +25,8 @@ from edgetrain.errors import (
 from edgetrain.measure import Measurement, measure
 from edgetrain.recipe import Recipe
 from edgetrain.registry import TechniqueInfo, get, list_techniques, register
-from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, GradientFilter, Technique
+from edgetrain.cost import CostTable, estimate
+from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, GradientFilter, SparseUpdate, Technique
 from edgetrain.train import TrainConfig, TrainResult, evaluate, train
 from edgetrain.workload import Workload
 
@@ -36,12 +37,14 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "ConfigError",
+    "CostTable",
     "DataError",
     "EdgetrainError",
     "Freeze",
     "GradientFilter",
     "Measurement",
     "Recipe",
+    "SparseUpdate",
     "Technique",
     "TechniqueInfo",
     "TrainConfig",
@@ -51,6 +54,7 @@ __all__ = [
     "Workload",
     "__version__",
     "apply_",
+    "estimate",
     "evaluate",
     "get",
     "list_techniques",

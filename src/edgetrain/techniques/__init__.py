@@ -9,5 +9,6 @@ from edgetrain.techniques.comet import Comet
 from edgetrain.techniques.freeze import Freeze
 from edgetrain.techniques.gradient_filter import GradientFilter
 from edgetrain.techniques.mobiletl import MobileTL
+from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "MobileTL", "Technique"]
+__all__ = ["ActNN", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "MobileTL", "SparseUpdate", "Technique"]
