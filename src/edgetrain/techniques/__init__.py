@@ -2,6 +2,7 @@
 
 from edgetrain.technique import Technique
 from edgetrain.techniques.actnn import ActNN
+from edgetrain.techniques.approx_multiply import ApproxMultiply
 from edgetrain.techniques.bias_only import BiasOnly
 from edgetrain.techniques.bnn_edge import BNNEdge
 from edgetrain.techniques.checkpoint import Checkpoint
@@ -11,4 +12,4 @@ from edgetrain.techniques.gradient_filter import GradientFilter
 from edgetrain.techniques.mobiletl import MobileTL
 from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "MobileTL", "SparseUpdate", "Technique"]
+__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "MobileTL", "SparseUpdate", "Technique"]
