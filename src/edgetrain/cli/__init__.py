@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from edgetrain import __version__
-from edgetrain.cli import bench, ls, measure, train
+from edgetrain.cli import bench, estimate, ls, measure, plan, train
 from edgetrain.errors import EdgetrainError
 
-VERBS = {"train": train, "measure": measure, "bench": bench, "ls": ls}
+VERBS = {"train": train, "measure": measure, "estimate": estimate, "plan": plan, "bench": bench, "ls": ls}
 
 
 def build_parser() -> argparse.ArgumentParser:

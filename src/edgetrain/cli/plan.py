@@ -1,0 +1,70 @@
+"""``edgetrain plan``: choose what to train so that a training step fits a memory budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from edgetrain.cli._common import add_workload_args, workload
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="pick a sparse-update scheme that fits a memory budget",
+                       description="Measure (once, cached) how much each layer's bias and weight updates help on "
+                       "the training data, then choose the scheme with the largest gain whose predicted trainable "
+                       "state + saved activations fit --budget. -o writes a recipe for `edgetrain train --recipe`.")
+    add_workload_args(p)
+    p.add_argument("--budget", default=None,
+                   help="memory budget with a unit: B, KB, KiB, MB, MiB, GB, GiB (default: the device's)")
+    p.add_argument("--device", default=None, help="device profile: mcu, raspberry_pi_4, jetson_nano, phone "
+                   "(sets the default budget and batch size)")
+    p.add_argument("--plan-batch-size", type=int, default=None,
+                   help="batch size the budget must hold (default: the device's, else --batch-size)")
+    p.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adamw"], default="sgd_momentum",
+                   help="optimizer state counted in the budget (default sgd_momentum, as `edgetrain train`)")
+    p.add_argument("--analysis-steps", type=int, default=100, help="steps of each analysis run (default 100)")
+    p.add_argument("--analysis-lr", type=float, default=0.01, help="learning rate of the analysis runs")
+    p.add_argument("--weight-last", type=int, default=12,
+                   help="analyse weight updates of the non-depthwise convs among the last N (default 12)")
+    p.add_argument("-o", "--output", default=None, help="write the plan as a recipe (.json or .yaml)")
+    p.add_argument("--json", action="store_true", help="print the plan and its per-layer estimate as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgetrain.devices import format_size, get_device, parse_size
+    from edgetrain.errors import ConfigError
+    from edgetrain.plan import analyze, format_plan, plan
+
+    torch.set_num_threads(args.threads)
+    device = get_device(args.device) if args.device else None
+    if args.budget is None and device is None:
+        raise ConfigError("plan: give --budget (e.g. 256KB) or --device")
+    budget = parse_size(args.budget) if args.budget is not None else device.train_budget
+    wl = workload(args)
+    batch = args.plan_batch_size or (device.batch_size if device else wl.batch_size)
+    contribution = analyze(wl, steps=args.analysis_steps, lr=args.analysis_lr, weight_last=args.weight_last,
+                           threads=args.threads, progress=not args.no_progress)
+    data = wl.load_data("train")
+    model = wl.build_model(data.num_classes)
+    p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, args.optimizer)
+    if args.output:
+        p.recipe.save(args.output)
+    if args.json:
+        print(json.dumps({"recipe": p.recipe.to_dict(), "budget": budget, "predicted_bytes": p.predicted_bytes,
+                          "gain": p.gain, "estimate": p.predicted.to_dict(),
+                          "contribution": contribution.to_dict()}, indent=2))
+        return 0
+    dev = f" on {device.description}" if device else ""
+    print(f"plan for {wl.model}{dev}: budget {format_size(budget)} ({budget} B) for trainable state + saved "
+          f"activations, batch {batch}")
+    print(format_plan(p, model))
+    if device and device.flash_bytes and p.predicted.param_bytes - p.predicted.grad_bytes > device.flash_bytes:
+        print(f"note: the frozen weights ({format_size(p.predicted.param_bytes - p.predicted.grad_bytes)} in fp32) "
+              f"exceed the device's {format_size(device.flash_bytes)} flash: TTE deploys int8 models "
+              "(MobileNetV2-w0.35, MCUNet) there")
+    if args.output:
+        print(f"wrote {args.output}: run it with `edgetrain train --recipe {args.output}`")
+    return 0

@@ -1,0 +1,285 @@
+"""The budget planner: what to train, and how, so that a training step fits a memory budget.
+
+Following the Tiny Training Engine (Lin et al., NeurIPS 2022, arXiv:2206.15472, §2.2; specs/algorithms_A.md
+§6.3-6.4):
+
+1. **Contribution analysis** (measured, cached): short fine-tuning runs on the training data give the accuracy
+   gain of updating the biases of the last ``k`` convs over classifier-only training (``bias[k]``, for a grid
+   of k), and the extra gain of also updating conv ``i``'s weights for a ratio ``r`` of its input channels
+   (``weights[i][r]``, on top of the biases of the last ``k_ref`` convs, the same baseline for every i).
+2. **Memory** of each choice from the cost model (:mod:`edgetrain.cost`): ``bias_memory[k]`` is the estimated
+   trainable state + saved activations of ``SparseUpdate(bias_last_k=k)``; a weight slice adds its weights,
+   gradients and optimizer state and its kept input channels (closed form, tested against the estimate).
+3. **Search**: maximise ``bias[k] + Σ_i weights[i][r_i]`` subject to ``bias_memory[k] + Σ_i m(i, r_i) ≤
+   budget``. The gains are additive by assumption (as in TTE), so for each k this is a multiple-choice knapsack,
+   solved exactly by dynamic programming over Pareto-optimal (bytes, gain) states. TTE used evolutionary
+   search on the same additive objective; the DP finds its exact optimum with no population or mutation
+   settings to tune, and the space (≤ 5 ratios for a few dozen convs) is small enough for it.
+
+The budget counts trainable weights, their gradients and optimizer state, and the activations saved for
+backward (what grows with training); frozen weights (flash on an MCU) and the forward's transient buffers
+are reported beside it, not inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetrain.cost import OPT_COPIES, CostTable, estimate
+from edgetrain.devices import format_size
+from edgetrain.errors import BudgetError, ConfigError
+from edgetrain.recipe import Recipe
+from edgetrain.techniques.sparse_update import SparseUpdate, n_keep
+
+RATIOS = (0.125, 0.25, 0.5, 1.0)  # TTE's weight_update_ratio choices (specs §6.4: r in {0, 1/8, 1/4, 1/2, 1})
+ANALYSIS_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------- contribution
+@dataclasses.dataclass
+class Contribution:
+    """Measured accuracy gains (fractions, e.g. 0.012 = +1.2 points)."""
+
+    baseline: float  # classifier-only accuracy
+    bias: dict[int, float]  # k -> gain of biases of the last k convs (+ classifier) over classifier-only
+    weights: dict[str, dict[float, float]]  # conv -> ratio -> extra gain over bias_last_k = k_ref
+    k_ref: int
+    meta: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "bias": {str(k): v for k, v in self.bias.items()},
+                "weights": {c: {str(r): g for r, g in d.items()} for c, d in self.weights.items()},
+                "k_ref": self.k_ref, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Contribution:
+        return cls(d["baseline"], {int(k): v for k, v in d["bias"].items()},
+                   {c: {float(r): g for r, g in w.items()} for c, w in d["weights"].items()}, d["k_ref"], d["meta"])
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def default_grid(n_convs: int) -> list[int]:
+    """k values for the bias analysis: 0, then roughly doubling up to all convs."""
+    ks, k = [0], 1
+    while k < n_convs:
+        ks.append(k)
+        k = k * 2 if k < 4 else int(k * 1.5)
+    return sorted(set(ks + [n_convs]))
+
+
+def weight_candidates(model: nn.Module, last: int) -> list[str]:
+    """Convs whose weights the analysis tries: the non-depthwise convs among the last ``last`` (TTE found
+    depthwise and early layers contribute about nothing, specs §6.4)."""
+    modules = dict(model.named_modules())
+    convs = conv_names(model)[-last:]
+    return [c for c in convs if modules[c].groups == 1]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGETRAIN_CACHE", Path.home() / ".cache" / "edgetrain")) / "contribution"
+
+
+def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | None = None, weight_last: int = 12,
+            ratios: tuple[float, ...] = (0.25, 0.5, 1.0), threads: int = 2, progress: bool = True,
+            cache: Path | None = None) -> Contribution:
+    """Run (or load from the cache) the contribution analysis for ``workload`` (an :class:`edgetrain.Workload`).
+
+    Each run fine-tunes a fresh copy of the model for ``steps`` SGD steps (momentum 0.9, cosine, ``lr``) under
+    one sparse-update scheme and evaluates it on the workload's test split. Runs are cached one by one, so an
+    interrupted analysis resumes and a repeated one is instant.
+    """
+    from tqdm import tqdm
+
+    from edgetrain.train import TrainConfig, evaluate, train
+
+    torch.set_num_threads(threads)
+    train_data, eval_data = workload.load_data("train"), workload.load_data("test")
+    probe = workload.build_model(train_data.num_classes)
+    convs = conv_names(probe)
+    ks = ks or default_grid(len(convs))
+    if any(k < 0 or k > len(convs) for k in ks):
+        raise ConfigError(f"analysis: bias k values must be in [0, {len(convs)}], got {ks}")
+    cands = weight_candidates(probe, weight_last)
+    k_ref = max(len(convs) - convs.index(cands[0]), 1) if cands else 0
+    key = {"version": ANALYSIS_VERSION, "workload": dataclasses.asdict(workload), "steps": steps, "lr": lr}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = (cache or cache_dir()) / f"{workload.model}-{digest}.json"
+    runs: dict[str, float] = {}
+    if path.exists():
+        try:
+            runs = json.loads(path.read_text())["runs"]
+        except (ValueError, KeyError):
+            runs = {}  # a damaged cache is recomputed, not trusted
+    todo = [SparseUpdate(bias_last_k=k) for k in sorted(set(ks) | {k_ref})]
+    todo += [SparseUpdate(bias_last_k=k_ref, weights={c: r}) for c in cands for r in ratios]
+    cfg = TrainConfig(steps=steps, lr=lr, optimizer="sgd", momentum=0.9, schedule="cosine", threads=threads)
+    bar = tqdm(todo, desc="contribution analysis", disable=not progress, unit="run")
+    t0 = time.perf_counter()
+    for su in bar:
+        name = json.dumps(su.to_dict(), sort_keys=True)
+        if name in runs:
+            continue
+        model = workload.build_model(train_data.num_classes)
+        train(model, train_data, None, cfg, recipe=su, progress=False)
+        runs[name] = evaluate(model, eval_data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "runs": runs}, indent=1))
+        tmp.replace(path)
+
+    def acc(su: SparseUpdate) -> float:
+        return runs[json.dumps(su.to_dict(), sort_keys=True)]
+
+    base = acc(SparseUpdate(bias_last_k=0))
+    ref = acc(SparseUpdate(bias_last_k=k_ref))
+    return Contribution(
+        baseline=base,
+        bias={k: acc(SparseUpdate(bias_last_k=k)) - base for k in sorted(set(ks) | {k_ref})},
+        weights={c: {r: acc(SparseUpdate(bias_last_k=k_ref, weights={c: r})) - ref for r in ratios} for c in cands},
+        k_ref=k_ref,
+        meta={"cache": str(path), "steps": steps, "lr": lr, "runs": len(runs),
+              "seconds": round(time.perf_counter() - t0, 1), "eval_size": len(eval_data)},
+    )
+
+
+# --------------------------------------------------------------------------------------------- memory
+def weight_memory(model: nn.Module, table: CostTable, conv: str, ratio: float) -> int:
+    """Extra trainable state + saved bytes of updating ``ratio`` of ``conv``'s input channels (closed form)."""
+    m = dict(model.named_modules())[conv]
+    in_shape = table.shapes[conv][0]
+    if ratio >= 1:
+        params, saved = m.weight.numel(), math.prod(in_shape)
+    else:
+        keep = n_keep(m, ratio)
+        per_channel = m.weight[:, 0].numel() if m.groups == 1 else m.weight[0].numel()
+        params, saved = keep * per_channel, keep * math.prod(in_shape[1:])
+    return params * 4 * (2 + OPT_COPIES[table.optimizer]) + saved * 4 * table.batch_size
+
+
+# --------------------------------------------------------------------------------------------- search
+@dataclasses.dataclass
+class Plan:
+    recipe: Recipe
+    budget: int
+    predicted: CostTable
+    gain: float  # predicted accuracy gain over classifier-only (additive model)
+    bias_last_k: int
+    weights: dict[str, float]
+    contribution: Contribution
+
+    @property
+    def predicted_bytes(self) -> int:
+        return self.predicted.train_bytes
+
+
+def search(contribution: Contribution, bias_memory: dict[int, int], weight_cost: dict[tuple[str, float], int],
+           convs: list[str], budget: int) -> tuple[int, dict[str, float], float]:
+    """The (k, {conv: ratio}, gain) maximising the additive gain within ``budget``.
+
+    For each k: a multiple-choice knapsack (one ratio or none per conv of the region), solved exactly by dynamic
+    programming over the Pareto front of (bytes, gain) states: a state survives only if no other state has
+    fewer or equal bytes and a larger or equal gain. Exact in bytes (no rounding), and small here: a few dozen
+    convs with at most 5 choices each.
+    """
+    best: tuple[float, int, int, dict[str, float]] | None = None
+    for k, mem_k in sorted(bias_memory.items()):
+        cap = budget - mem_k
+        if cap < 0:
+            continue
+        region = set(convs[len(convs) - k:]) if k else set()
+        front: list[tuple[int, float, dict[str, float]]] = [(0, 0.0, {})]
+        for conv, options in contribution.weights.items():
+            if conv not in region:
+                continue
+            grown = list(front)
+            for r, g in options.items():
+                cost = weight_cost[(conv, r)]
+                grown += [(b + cost, v + g, {**ch, conv: r}) for b, v, ch in front if g > 0 and b + cost <= cap]
+            grown.sort(key=lambda t: (t[0], -t[1]))
+            front, top = [], float("-inf")
+            for state in grown:
+                if state[1] > top:
+                    front.append(state)
+                    top = state[1]
+        used, gain, choice = front[-1]  # the front's last state has the largest gain
+        total = contribution.bias.get(k, 0.0) + gain
+        if best is None or total > best[0] + 1e-12 or (abs(total - best[0]) <= 1e-12 and mem_k + used < best[1]):
+            best = (total, mem_k + used, k, choice)
+    if best is None:
+        raise BudgetError("no plan fits")  # the caller turns this into the one-line message with the minimum
+    return best[2], best[3], best[0]
+
+
+def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape: tuple[int, ...], batch_size: int,
+         optimizer: str = "sgd_momentum", name: str | None = None) -> Plan:
+    """Choose the sparse-update scheme with the largest measured gain whose predicted memory fits ``budget``."""
+    convs = conv_names(model)
+    base = estimate(model, None, input_shape, batch_size, optimizer)  # shapes of every conv
+    bias_memory = {k: estimate(model, SparseUpdate(bias_last_k=k), input_shape, batch_size, optimizer).train_bytes
+                   for k in contribution.bias}
+    weight_cost = {(c, r): weight_memory(model, base, c, r) for c, d in contribution.weights.items() for r in d}
+    smallest = min(bias_memory.values())
+    if budget < smallest:
+        raise BudgetError(f"budget {format_size(budget)} ({budget} B) is infeasible: the smallest plan (classifier "
+                          f"only) needs {format_size(smallest)} ({smallest} B) at batch {batch_size}")
+    k, weights, gain = search(contribution, bias_memory, weight_cost, convs, budget)
+    cfg = SparseUpdate(bias_last_k=k, weights=dict(sorted(weights.items())))
+    recipe = Recipe([cfg], name=name or f"plan-{format_size(budget).replace(' ', '')}")
+    table = estimate(model, recipe, input_shape, batch_size, optimizer)
+    return Plan(recipe, budget, table, gain, k, cfg.weights, contribution)
+
+
+def format_plan(p: Plan, model: nn.Module) -> str:
+    """Per-layer table (what is updated, precision, bytes) and the predicted total."""
+    from edgetrain.apply import classifier
+    from edgetrain.techniques.sparse_update import bias_of, region
+
+    t = p.predicted
+    b = t.batch_size
+    opt = OPT_COPIES[t.optimizer]
+    cfg = p.recipe.techniques[0]
+    reg = region(model, cfg)
+    bias_rows = {bias_of(model, c)[0]: c for c in reg if bias_of(model, c)}
+    head = classifier(model)
+    lines = [f"{'layer':30s} {'update':22s} {'precision':9s} {'trainable+grad+opt':>18s} {'saved':>11s}",
+             "-" * 94]
+    for name, row in t.layers.items():
+        state = row.trainable_bytes * (2 + opt)
+        saved = row.saved(b)
+        if not state and not saved:
+            continue
+        if name == head or name.startswith(head + "."):
+            what = "classifier"
+        elif name in cfg.weights:
+            what = f"weight {cfg.weights[name]:g} of C_in"
+        elif name in bias_rows:
+            what = "bias" if bias_rows[name] == name else f"bias (of {bias_rows[name]})"
+        elif name == "(loss)":
+            what = "loss"
+        else:
+            what = "1-bit mask" if row.technique == "sparse_update" else "(gradient path)"
+        lines.append(f"{name:30.30s} {what:22.22s} {'fp32':9s} {format_size(state):>18s} {format_size(saved):>11s}")
+    lines.append("-" * 94)
+    lines.append(f"predicted: {format_size(t.train_bytes)} of {format_size(p.budget)} budget (trainable weights "
+                 f"{format_size(t.grad_bytes)}, gradients {format_size(t.grad_bytes)}, optimizer "
+                 f"{format_size(t.optimizer_bytes)}, saved activations {format_size(t.saved_bytes)}); batch {b}")
+    lines.append(f"not in the budget: frozen weights {format_size(t.param_bytes - t.grad_bytes)}, forward workspace "
+                 f"~{format_size(t.workspace_bytes)}")
+    lines.append(f"scheme: biases of the last {p.bias_last_k} convs, weights {p.weights or 'none'}, classifier; "
+                 f"predicted gain over classifier-only {100 * p.gain:+.1f} points "
+                 f"(classifier-only {100 * p.contribution.baseline:.1f}% after "
+                 f"{p.contribution.meta.get('steps')} analysis steps)")
+    return "\n".join(lines)

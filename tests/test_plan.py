@@ -1,0 +1,128 @@
+"""Budget planner: sizes with units, device profiles, the DP search, the CLI end to end on T3 (issue 4)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import edgetrain as et
+from edgetrain.cli import main
+from edgetrain.cost import estimate
+from edgetrain.devices import DEVICES, get_device, parse_size
+from edgetrain.models import create_model
+from edgetrain.plan import Contribution, conv_names, plan, search, weight_memory
+from edgetrain.techniques.sparse_update import SparseUpdate
+
+T3 = ["--model", "small_cnn", "--data", "digits", "--image-size", "8", "--channels", "1", "--threads", "1"]
+
+
+@pytest.mark.parametrize("text,size", [("256KB", 256_000), ("256KiB", 262_144), ("1.5 MiB", 1_572_864),
+                                       ("4096", 4096), ("2mb", 2_000_000), (512, 512), ("1GiB", 2**30)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["", "KB", "12 parsecs", "-5KB", "0", "1e3KB"])
+def test_bad_sizes_are_clear_errors(bad):
+    with pytest.raises(et.ConfigError, match="size"):
+        parse_size(bad)
+
+
+def test_device_profiles_cite_sources():
+    for d in DEVICES.values():
+        assert d.source and d.train_budget <= d.sram_bytes
+    assert get_device("mcu").sram_bytes == 256 * 1024
+    with pytest.raises(et.ConfigError, match="unknown device 'toaster'"):
+        get_device("toaster")
+
+
+def _contribution(model, gains):
+    convs = conv_names(model)
+    return Contribution(baseline=0.5, bias={0: 0.0, 1: 0.01, 2: 0.02, 3: 0.03}, weights=gains, k_ref=3, meta={})
+
+
+def test_search_is_the_exact_knapsack_optimum():
+    """Brute force over every (k, ratio per conv) agrees with the DP."""
+    import itertools
+
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    convs = conv_names(model)
+    gains = {convs[1]: {0.25: 0.02, 1.0: 0.05}, convs[2]: {0.25: 0.03, 0.5: 0.04, 1.0: 0.06}}
+    c = _contribution(model, gains)
+    base = estimate(model, None, (1, 8, 8), 8)
+    bias_mem = {k: estimate(model, SparseUpdate(bias_last_k=k), (1, 8, 8), 8).train_bytes for k in c.bias}
+    cost = {(cv, r): weight_memory(model, base, cv, r) for cv, d in gains.items() for r in d}
+    for budget in [bias_mem[0] + 10, bias_mem[3] + cost[(convs[2], 0.25)], bias_mem[3] + cost[(convs[2], 1.0)] +
+                   cost[(convs[1], 0.25)], 10**9]:
+        k, weights, gain = search(c, bias_mem, cost, convs, budget)
+        best = -1.0
+        for kk in c.bias:
+            region = convs[len(convs) - kk:] if kk else []
+            opts = [[(cv, None)] + [(cv, r) for r in gains[cv]] if cv in region else [(cv, None)] for cv in gains]
+            for combo in itertools.product(*opts):
+                mem = bias_mem[kk] + sum(cost[x] for x in combo if x[1])
+                g = c.bias[kk] + sum(gains[cv][r] for cv, r in combo if r)
+                if mem <= budget:
+                    best = max(best, g)
+        assert gain == pytest.approx(best)
+        assert bias_mem[k] + sum(cost[(cv, r)] for cv, r in weights.items()) <= budget
+
+
+def test_weight_memory_closed_form_matches_the_cost_model():
+    model = create_model("mobilenet_v2", num_classes=10, width_mult=0.35)
+    base = estimate(model, None, (3, 32, 32), 4)
+    bias = estimate(model, SparseUpdate(bias_last_k=7), (3, 32, 32), 4).train_bytes
+    for conv, r in [("features.17.conv.0.0", 0.25), ("features.17.conv.2", 1.0), ("features.16.conv.0.0", 0.5)]:
+        full = estimate(model, SparseUpdate(bias_last_k=7, weights={conv: r}), (3, 32, 32), 4).train_bytes
+        # the closed form leaves out one per-channel vector (C_out x 4 B: the frozen BatchNorm's scale, kept once
+        # the first conv of the region starts producing gradients), about 1% of a slice's bytes
+        assert abs((full - bias) - weight_memory(model, base, conv, r)) <= 0.02 * (full - bias)
+
+
+def test_plan_fits_the_budget_and_the_meter_agrees():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    convs = conv_names(model)
+    c = _contribution(model, {convs[2]: {0.25: 0.02, 1.0: 0.05}})
+    p = plan(model, c, 200_000, (1, 8, 8), 16)
+    assert p.predicted_bytes <= 200_000
+    m = et.measure(model, (torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))), recipe=p.recipe, repeats=1)
+    measured = m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes
+    assert abs(measured - p.predicted_bytes) <= 0.10 * measured
+    with pytest.raises(et.BudgetError, match=r"infeasible: the smallest plan \(classifier only\) needs"):
+        plan(model, c, 1000, (1, 8, 8), 16)
+
+
+def test_cli_plan_then_train_on_t3(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan.json"
+    assert main(["plan", *T3, "--budget", "150KB", "--analysis-steps", "5", "--no-progress", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "predicted:" in text and "wrote" in text
+    recipe = et.Recipe.load(out)
+    assert recipe.techniques[0].name == "sparse_update"
+    cached = list((tmp_path / "cache" / "contribution").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["runs"]
+    assert main(["plan", *T3, "--budget", "150KB", "--analysis-steps", "5", "--no-progress", "--json"]) == 0  # cached
+    assert json.loads(capsys.readouterr().out)["predicted_bytes"] <= 150_000
+    assert main(["train", *T3, "--recipe", str(out), "--steps", "5", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 5
+
+
+def test_cli_infeasible_budget_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path / "cache"))
+    assert main(["plan", *T3, "--budget", "2KB", "--analysis-steps", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "infeasible" in err and "needs" in err
+    assert main(["plan", *T3, "--budget", "lots", "--analysis-steps", "5", "--no-progress"]) == 2
+    assert "expected a number with an optional unit" in capsys.readouterr().err
+
+
+def test_cli_estimate_json(capsys):
+    assert main(["estimate", "--model", "small_cnn", "--channels", "1", "--image-size", "8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert set(d["totals"]) >= {"saved_bytes", "grad_bytes", "optimizer_bytes", "train_bytes", "forward_macs"}
+    assert d["totals"]["saved_bytes"] > 0 and any(r["macs"] for r in d["layers"])
