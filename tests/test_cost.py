@@ -60,6 +60,9 @@ def test_every_estimate_is_within_10_percent_of_the_meter(info, cfg):
 @pytest.mark.parametrize("recipe", [
     et.Freeze(last_k_blocks=2), et.BiasOnly(), et.Checkpoint(), et.GradientFilter(radius=4, last_n_convs=4),
     et.GradientFilter(radius=2, last_n_convs=8, stride_correction=True),
+    et.SparseUpdate(bias_last_k=12, weights={"features.16.conv.0.0": 0.25, "features.17.conv.0.0": 1.0}),
+    et.Recipe([et.Freeze(last_k_blocks=3), et.Int8()]),
+    et.Recipe([et.SparseUpdate(bias_last_k=12, weights={"features.17.conv.0.0": 1.0}), et.Int8(qas=False)]),
 ], ids=repr)
 def test_estimates_on_mobilenet_v2(recipe):
     torch.manual_seed(0)

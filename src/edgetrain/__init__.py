@@ -26,7 +26,7 @@ from edgetrain.measure import Measurement, measure
 from edgetrain.recipe import Recipe
 from edgetrain.registry import TechniqueInfo, get, list_techniques, register
 from edgetrain.cost import CostTable, estimate
-from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, GradientFilter, SparseUpdate, Technique
+from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, GradientFilter, Int8, SparseUpdate, Technique
 from edgetrain.train import TrainConfig, TrainResult, evaluate, train
 from edgetrain.workload import Workload
 
@@ -42,6 +42,7 @@ __all__ = [
     "EdgetrainError",
     "Freeze",
     "GradientFilter",
+    "Int8",
     "Measurement",
     "Recipe",
     "SparseUpdate",

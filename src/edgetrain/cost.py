@@ -129,6 +129,13 @@ class LayerCost:
     saved_fixed: float = 0.0
     workspace_per_sample: float = 0.0
     technique: str | None = None  # set by a technique estimate that rewrote the row
+    masked: bool = False  # a technique already counted this activation's 1-bit mask (techniques share masks)
+
+    def add_mask(self, technique: str) -> None:
+        """Count a packed 1-bit mask of this module's output once, whichever technique installs it."""
+        if not self.masked and self.out_shape is not None:
+            self.saved_per_sample += math.prod(self.out_shape) / 8
+            self.masked, self.technique = True, technique
 
     def saved(self, batch_size: int) -> int:
         return int(round(self.saved_per_sample * batch_size + self.saved_fixed))

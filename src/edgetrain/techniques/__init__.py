@@ -9,7 +9,8 @@ from edgetrain.techniques.checkpoint import Checkpoint
 from edgetrain.techniques.comet import Comet
 from edgetrain.techniques.freeze import Freeze
 from edgetrain.techniques.gradient_filter import GradientFilter
+from edgetrain.techniques.int8 import Int8
 from edgetrain.techniques.mobiletl import MobileTL
 from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "MobileTL", "SparseUpdate", "Technique"]
+__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "Int8", "MobileTL", "SparseUpdate", "Technique"]

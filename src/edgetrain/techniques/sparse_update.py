@@ -222,11 +222,7 @@ def estimate(table, cfg: SparseUpdate, targets: list[str], model: nn.Module) -> 
     head = [classifier(model)] if cfg.classifier else []
     for name in names[start:]:
         if isinstance(modules[name], MASKABLE) and not under(name, head) and name in table.shapes:
-            out_shape = table.shapes[name][1]
-            row = table.row(name)
-            row.saved_per_sample += math.ceil(math.prod(out_shape)) / 8  # packed bits, rounded up per batch
-            row.saved_fixed += 0
-            row.technique = "sparse_update"
+            table.row(name).add_mask("sparse_update")
 
 
 register(
