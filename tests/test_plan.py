@@ -126,3 +126,16 @@ def test_cli_estimate_json(capsys):
     d = json.loads(capsys.readouterr().out)
     assert set(d["totals"]) >= {"saved_bytes", "grad_bytes", "optimizer_bytes", "train_bytes", "forward_macs"}
     assert d["totals"]["saved_bytes"] > 0 and any(r["macs"] for r in d["layers"])
+
+
+def test_analysis_scores_on_a_held_out_part_of_the_training_split():
+    from edgetrain.data import load_data
+    from edgetrain.plan import holdout_split
+
+    data = load_data("digits", "train", image_size=8, channels=1)
+    fit, hold = holdout_split(data)
+    assert len(fit) + len(hold) == len(data) and len(hold) == int(0.2 * len(data))
+    rows = {tuple(r.tolist()) for r in data.images.flatten(1)}
+    assert {tuple(r.tolist()) for r in hold.images.flatten(1)} <= rows  # taken from the training split only
+    fit2, hold2 = holdout_split(data)
+    assert torch.equal(hold.labels, hold2.labels)  # fixed

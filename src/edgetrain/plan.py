@@ -6,7 +6,8 @@ Following the Tiny Training Engine (Lin et al., NeurIPS 2022, arXiv:2206.15472, 
 1. **Contribution analysis** (measured, cached): short fine-tuning runs on the training data give the accuracy
    gain of updating the biases of the last ``k`` convs over classifier-only training (``bias[k]``, for a grid
    of k), and the extra gain of also updating conv ``i``'s weights for a ratio ``r`` of its input channels
-   (``weights[i][r]``, on top of the biases of the last ``k_ref`` convs, the same baseline for every i).
+   (``weights[i][r]``, on top of the biases of the last ``k_ref`` convs, the same baseline for every i),
+   scored on a held-out fifth of the training split.
 2. **Memory** of each choice from the cost model (:mod:`edgetrain.cost`): ``bias_memory[k]`` is the estimated
    trainable state + saved activations of ``SparseUpdate(bias_last_k=k)``; a weight slice adds its weights,
    gradients and optimizer state and its kept input channels (closed form, tested against the estimate).
@@ -42,7 +43,7 @@ from edgetrain.recipe import Recipe
 from edgetrain.techniques.sparse_update import SparseUpdate, n_keep
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)  # TTE's weight_update_ratio choices (specs §6.4: r in {0, 1/8, 1/4, 1/2, 1})
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: scored on a held-out part of the training split
 
 
 # --------------------------------------------------------------------------------------------- contribution
@@ -88,6 +89,21 @@ def weight_candidates(model: nn.Module, last: int) -> list[str]:
     return [c for c in convs if modules[c].groups == 1]
 
 
+def holdout_split(data, fraction: float = 0.2, max_holdout: int = 2000, seed: int = 0):
+    """(fit, holdout): a fixed random ``fraction`` of the training split (at most ``max_holdout`` samples) is held
+    out to score the analysis runs, so that plans are never chosen on the test split."""
+    n = len(data)
+    k = max(1, min(max_holdout, int(n * fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    hold, fit = order[:k].sort().values, order[k:].sort().values
+
+    def part(index: torch.Tensor, tag: str):
+        return dataclasses.replace(data, images=data.images[index], labels=data.labels[index],
+                                   name=f"{data.name}[{tag} {len(index)}]")
+
+    return part(fit, "analysis-fit"), part(hold, "analysis-holdout")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGETRAIN_CACHE", Path.home() / ".cache" / "edgetrain")) / "contribution"
 
@@ -98,7 +114,8 @@ def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | Non
     """Run (or load from the cache) the contribution analysis for ``workload`` (an :class:`edgetrain.Workload`).
 
     Each run fine-tunes a fresh copy of the model for ``steps`` SGD steps (momentum 0.9, cosine, ``lr``) under
-    one sparse-update scheme and evaluates it on the workload's test split. Runs are cached one by one, so an
+    one sparse-update scheme on 80% of the training split and is scored on the held-out 20% (at most 2,000
+    samples; the test split is never used). Runs are cached one by one, so an
     interrupted analysis resumes and a repeated one is instant.
     """
     from tqdm import tqdm
@@ -106,7 +123,7 @@ def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | Non
     from edgetrain.train import TrainConfig, evaluate, train
 
     torch.set_num_threads(threads)
-    train_data, eval_data = workload.load_data("train"), workload.load_data("test")
+    train_data, eval_data = holdout_split(workload.load_data("train"), seed=workload.seed)
     probe = workload.build_model(train_data.num_classes)
     convs = conv_names(probe)
     ks = ks or default_grid(len(convs))
@@ -151,7 +168,8 @@ def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | Non
         weights={c: {r: acc(SparseUpdate(bias_last_k=k_ref, weights={c: r})) - ref for r in ratios} for c in cands},
         k_ref=k_ref,
         meta={"cache": str(path), "steps": steps, "lr": lr, "runs": len(runs),
-              "seconds": round(time.perf_counter() - t0, 1), "eval_size": len(eval_data)},
+              "seconds": round(time.perf_counter() - t0, 1), "fit_size": len(train_data),
+              "holdout_size": len(eval_data)},
     )
 
 
