@@ -89,6 +89,9 @@ def test_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
     for r in result["rows"]:
         for f in CONTRACT + ["accuracy", "step_ratio"]:
             assert r[f] is not None, (r["name"], f)
+        # the cost model's prediction sits beside the measurement, within the planner's 10%
+        assert abs(r["estimate_bytes"] - r["saved_bytes"]) <= 0.10 * r["saved_bytes"], r["name"]
+        assert abs(r["estimate_train_bytes"] - r["train_bytes"]) <= 0.10 * r["train_bytes"], r["name"]
     assert (tmp_path / "t3-tiny.png").stat().st_size > 1000
     assert (tmp_path / "t3-tiny.csv").read_text().count("\n") == 4
     # results are never overwritten silently

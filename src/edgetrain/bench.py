@@ -30,7 +30,7 @@ from edgetrain.recipe import Recipe
 from edgetrain.workload import Workload
 
 CONTRACT = ("saved_bytes", "peak_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "step_seconds",
-            "step_ratio", "accuracy", "estimate_bytes")
+            "step_ratio", "accuracy", "estimate_bytes", "train_bytes", "estimate_train_bytes")
 MiB = 2**20
 
 
@@ -119,6 +119,17 @@ def provenance(threads: int, extra: dict[str, Any] | None = None) -> dict[str, A
     }
 
 
+def _estimate(model, recipe: Recipe, wl: Workload, cfg) -> Any:  # noqa: ANN001
+    """The cost model's prediction for ``recipe`` (``None`` when a technique has no cost model yet)."""
+    from edgetrain.cost import estimate
+
+    opt = "adamw" if cfg.optimizer == "adamw" else ("sgd_momentum" if cfg.momentum else "sgd")
+    try:
+        return estimate(model, recipe, (wl.channels, wl.image_size, wl.image_size), wl.batch_size, opt)
+    except ConfigError:
+        return None
+
+
 def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> dict[str, Any]:
     """Run every recipe of ``spec``; returns ``{"provenance": ..., "rows": [...]}``."""
     from edgetrain.measure import measure
@@ -134,13 +145,16 @@ def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> di
         if progress:
             print(f"[bench {i + 1}/{len(spec.recipes)}] {recipe.name}", file=sys.stderr, flush=True)
         model = wl.build_model(train_data.num_classes)
+        est = _estimate(model, recipe, wl, cfg)
         apply_(model, recipe)
         m = measure(model, batch, optimizer=build_optimizer(model, cfg), warmup=1, repeats=spec.measure_repeats)
         t0 = time.perf_counter()
         result = train(model, train_data, eval_data, cfg, progress=progress)
         row = {"name": recipe.name, "techniques": recipe.technique_names, **m.to_dict()}
         row.update(accuracy=result.accuracy, train_seconds=round(time.perf_counter() - t0, 2),
-                   estimate_bytes=None, recipe=recipe.to_dict())
+                   train_bytes=m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes,
+                   estimate_bytes=est and est.saved_bytes, estimate_train_bytes=est and est.train_bytes,
+                   recipe=recipe.to_dict())
         if recipe.name in spec.paper_claims:
             row["paper_claim"] = spec.paper_claims[recipe.name]
         rows.append(row)
