@@ -1,0 +1,91 @@
+"""T1 plans at several memory budgets: predicted vs measured memory, and accuracy after the T1 schedule.
+
+1. Contribution analysis on T1's training subset (100-step runs, scored on a held-out fifth; cached).
+2. ``edgetrain.plan`` at each budget (trainable weights + gradients + momentum + saved activations, batch 32),
+   plus the MCU plan: 256 KiB at batch 1 (TTE trains at batch 1 on the device).
+3. Every plan, plain full fine-tuning and classifier-only are trained with the T1 schedule of
+   ``benchmarks/t1.yaml`` (600 SGD steps, momentum 0.9, cosine, lr 0.01) and measured by the meter.
+
+    python benchmarks/plan/t1_budgets.py --threads 2 --out benchmarks/results --name plan-<date>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from edgetrain.bench import BenchSpec, markdown_table, result_paths, run_bench, write_results
+from edgetrain.devices import format_size, parse_size
+from edgetrain.errors import BudgetError
+from edgetrain.measure import measure
+from edgetrain.plan import analyze, plan
+from edgetrain.recipe import Recipe
+from edgetrain.techniques.sparse_update import SparseUpdate
+
+BUDGETS = ["256KB", "1MB", "8MB", "64MB"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="benchmarks/t1.yaml", help="workload and schedule (default T1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--analysis-steps", type=int, default=100)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    base = BenchSpec.load(args.config)
+    wl = base.workload
+    stem = f"{base.work.lower()}-{args.name}"
+    result_paths(Path(args.out), stem)  # fail now, not after an hour, if the results exist
+    contribution = analyze(wl, steps=args.analysis_steps, lr=base.train.get("lr", 0.01), threads=args.threads)
+    print(json.dumps(contribution.to_dict(), indent=1), file=sys.stderr)
+    num_classes = wl.load_data("train").num_classes
+    probe = wl.build_model(num_classes)
+    shape = (wl.channels, wl.image_size, wl.image_size)
+    recipes, budgets, infeasible = [Recipe(name="plain"), Recipe([SparseUpdate(bias_last_k=0)], name="classifier-only")], {}, {}
+    for text in BUDGETS:
+        try:
+            pl = plan(probe, contribution, parse_size(text), shape, wl.batch_size, name=f"plan-{text}")
+            recipes.append(pl.recipe)
+            budgets[pl.recipe.name] = (parse_size(text), pl.predicted_bytes, wl.batch_size, pl.gain)
+        except BudgetError as e:
+            infeasible[text] = str(e)
+    mcu = plan(probe, contribution, parse_size("256KiB"), shape, 1, name="plan-mcu-256KiB-b1")
+    recipes.append(mcu.recipe)
+    budgets[mcu.recipe.name] = (parse_size("256KiB"), mcu.predicted_bytes, 1, mcu.gain)
+    spec = BenchSpec(work=base.work, name=args.name, workload=wl, train=base.train, recipes=recipes,
+                     paper_claims={mcu.recipe.name: "TTE (NeurIPS 2022): training within 256 KB SRAM; peak 2939 KB -> "
+                                   "141 KB (21x) on MobileNetV2 with sparse update, int8 and operator reordering"},
+                     measure_repeats=3)
+    result = run_bench(spec, threads=args.threads)
+    # the MCU plan's memory at the batch it was planned for
+    x, y = wl.example_batch(wl.load_data("train"))
+    for row in result["rows"]:
+        if row["name"] in budgets:
+            budget, predicted, batch, gain = budgets[row["name"]]
+            row.update(budget_bytes=budget, predicted_train_bytes=predicted, plan_batch=batch, predicted_gain=gain)
+            if batch != wl.batch_size:
+                model = wl.build_model(num_classes)
+                m = measure(model, (x[:batch], y[:batch]), recipe=Recipe.from_dict(row["recipe"]), repeats=3)
+                row["train_bytes_at_plan_batch"] = m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes
+                row["peak_bytes_at_plan_batch"] = m.peak_bytes
+    result["provenance"].update(infeasible=infeasible, contribution=contribution.to_dict())
+    write_results(result, args.out, stem)
+    print(markdown_table(result))
+    for row in result["rows"]:
+        if "budget_bytes" in row:
+            got = row.get("train_bytes_at_plan_batch", row["train_bytes"])
+            print(f"{row['name']}: budget {format_size(row['budget_bytes'])}, predicted "
+                  f"{format_size(row['predicted_train_bytes'])}, measured {format_size(got)} "
+                  f"({got / row['predicted_train_bytes']:.3f}x) at batch {row['plan_batch']}")
+    for text, msg in infeasible.items():
+        print(f"{text} at batch {wl.batch_size}: {msg}")
+
+
+if __name__ == "__main__":
+    main()
