@@ -8,6 +8,7 @@ import torch
 import edgetrain as et
 from edgetrain.cost import estimate, format_table
 from edgetrain.models import create_model
+from edgetrain.techniques import ActNN, MobileTL
 from edgetrain.testing import tiny_batch, tiny_model
 
 TOL = 0.10  # the issue's bar; the rules are byte-exact on the models below
@@ -63,6 +64,8 @@ def test_every_estimate_is_within_10_percent_of_the_meter(info, cfg):
     et.SparseUpdate(bias_last_k=12, weights={"features.16.conv.0.0": 0.25, "features.17.conv.0.0": 1.0}),
     et.Recipe([et.Freeze(last_k_blocks=3), et.Int8()]),
     et.Recipe([et.SparseUpdate(bias_last_k=12, weights={"features.17.conv.0.0": 1.0}), et.Int8(qas=False)]),
+    MobileTL(last_k_blocks=5), ActNN(), ActNN(bits=4, norm_bits=None, group_size=64),
+    et.Recipe([MobileTL(), ActNN()]),
 ], ids=repr)
 def test_estimates_on_mobilenet_v2(recipe):
     torch.manual_seed(0)
@@ -105,3 +108,11 @@ def test_bad_arguments_are_clear_errors():
 def test_format_table_lists_layers_and_totals():
     text = format_table(estimate(tiny_model(), et.Freeze(), (1, 8, 8), 4))
     assert "trainable state + activations" in text and "(loss)" in text
+
+
+def test_actnn_on_a_transformer_within_10_percent():
+    """The one known gap: a storage kept fp32 by an uncompressed op (attention's output) and compressed again by
+    the next hooked Linear is counted once by the model, twice in reality (4.4% here)."""
+    torch.manual_seed(0)
+    model = create_model("tiny_transformer", num_classes=10, image_size=32)
+    _check(model, (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))), ActNN())

@@ -129,12 +129,13 @@ class LayerCost:
     saved_fixed: float = 0.0
     workspace_per_sample: float = 0.0
     technique: str | None = None  # set by a technique estimate that rewrote the row
+    items: list[tuple[int, tuple[int, ...] | None, bool]] = dataclasses.field(default_factory=list, repr=False)
     masked: bool = False  # a technique already counted this activation's 1-bit mask (techniques share masks)
 
-    def add_mask(self, technique: str) -> None:
-        """Count a packed 1-bit mask of this module's output once, whichever technique installs it."""
-        if not self.masked and self.out_shape is not None:
-            self.saved_per_sample += math.prod(self.out_shape) / 8
+    def add_mask(self, technique: str, elements: int) -> None:
+        """Count packed 1-bit masks of ``elements`` per sample once, whichever technique installs them."""
+        if not self.masked:
+            self.saved_per_sample += elements / 8
             self.masked, self.technique = True, technique
 
     def saved(self, batch_size: int) -> int:
@@ -199,6 +200,7 @@ class CostTable:
         rows = []
         for r in self.layers.values():
             d = dataclasses.asdict(r)
+            d.pop("items")
             d["saved_bytes"] = r.saved(self.batch_size)
             rows.append(d)
         return {"batch_size": self.batch_size, "optimizer": self.optimizer, "input_shape": list(self.input_shape),
@@ -212,11 +214,13 @@ class _Recorder(TorchFunctionMode):
         self.stack = stack
         self.saved: dict[str, dict[int, int]] = {}  # module -> storage key -> bytes (first module that keeps it)
         self.fresh: dict[str, int] = {}  # module -> bytes of new storages
+        self.items: dict[str, list[tuple[int, tuple[int, ...] | None, bool]]] = {}  # module -> (bytes, shape, float)
         self.macs: dict[str, int] = {}
         self.work: dict[str, int] = {}
         self.keep: list[Any] = []  # keep traced tensors alive so that storage addresses are not reused
         self.seen: set[int] = set()
         self.outputs = 0
+        self.grad_inputs: dict[str, list[int]] = {}
         self.exclude: set[int] = set()  # parameter and buffer storages (not activations; the meter skips them too)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -230,9 +234,14 @@ class _Recorder(TorchFunctionMode):
         for t, nbytes in op_saves(name, args, kwargs, out):
             if t is None:
                 self.fresh[mod] = self.fresh.get(mod, 0) + nbytes
+                self.items.setdefault(mod, []).append((nbytes, None, False))
             elif _key(t) not in self.seen and _key(t) not in self.exclude:
                 self.seen.add(_key(t))
                 self.saved.setdefault(mod, {})[_key(t)] = t.untyped_storage().nbytes()
+                shape = tuple(t.shape)
+                if name == "linear" and t.dim() > 2:  # F.linear keeps the 2-D view (rows, in_features)
+                    shape = (t.numel() // t.shape[-1], t.shape[-1])
+                self.items.setdefault(mod, []).append((t.numel() * t.element_size(), shape, t.is_floating_point()))
         self.macs[mod] = self.macs.get(mod, 0) + op_macs(name, args, kwargs, out)
         tensors = [a for a in args if isinstance(a, Tensor)] + ([out] if isinstance(out, Tensor) else [])
         work = sum(t.numel() * t.element_size() for t in tensors)
@@ -256,6 +265,7 @@ def _restored(model: nn.Module) -> Iterator[None]:
 def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
     stack = [""]
     shapes: dict[str, tuple] = {}
+    grad_inputs: dict[str, list[int]] = {}  # module -> per-sample output elements of each call whose input needed grad
     handles = []
     for name, m in model.named_modules():
         leaf = bool(name) and not list(m.children())
@@ -270,6 +280,8 @@ def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
             i = inp[0] if inp and isinstance(inp[0], Tensor) else None
             shapes[name] = (tuple(i.shape[1:]) if i is not None else None,
                             tuple(out.shape[1:]) if isinstance(out, Tensor) else None)
+            if i is not None and i.requires_grad and torch.is_grad_enabled() and mod.training:
+                grad_inputs.setdefault(name, []).append(out.numel() // len(out) if isinstance(out, Tensor) else 0)
 
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     rec = _Recorder(stack)
@@ -278,10 +290,22 @@ def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
         with _restored(model), rec:
             out = model(x)
             rec.outputs = out.numel() if isinstance(out, Tensor) else 0
+            rec.grad_inputs = grad_inputs
     finally:
         for h in handles:
             h.remove()
     return rec, shapes
+
+
+def _at_batch(x: tuple, y: tuple, a: int, b: int, batch: int) -> tuple[int, tuple[int, ...] | None, bool]:
+    """A saved tensor seen at batch ``a`` and ``b``, extrapolated to ``batch`` (its leading dim scales or not)."""
+    (na, sa, fl), (nb, sb, _) = x, y
+    per = (nb - na) / (b - a)
+    nbytes = int(round(na + per * (batch - a)))
+    shape = sa
+    if sa is not None and sb is not None and sa != sb and len(sa) and sa[1:] == sb[1:] and sa[0] * b == sb[0] * a:
+        shape = (sa[0] // a * batch, *sa[1:])  # the leading dim is the batch (or batch x tokens)
+    return nbytes, shape, fl
 
 
 def trace_table(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, optimizer: str = "sgd_momentum",
@@ -315,6 +339,13 @@ def trace_table(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
         r.saved_fixed = sa - a * r.saved_per_sample
         r.macs = rec_a.macs.get(name, 0) // a
         r.workspace_per_sample = rec_a.work.get(name, 0) / a
+        ia, ib = rec_a.items.get(name, []), rec_b.items.get(name, [])
+        if len(ia) == len(ib):  # what each saved tensor is at the table's batch size (for codec estimates)
+            r.items = [_at_batch(x, y, a, b, batch_size) for x, y in zip(ia, ib)]
+    # 1-bit masks (edgetrain.compress.masks) run inside custom Functions: count them where they are saved
+    for name, m in modules.items():
+        if getattr(m.__dict__.get("forward"), "saves_mask", False) and name in rec_a.grad_inputs:
+            table.row(name).add_mask("mask", sum(rec_a.grad_inputs[name]))  # one mask per call (reused modules)
     # the loss: cross-entropy keeps its log-softmax (outputs x 4 bytes) and the int64 targets
     loss = table.row("(loss)")
     loss.kind = "CrossEntropyLoss"

@@ -170,4 +170,5 @@ def hooked_forward(module: nn.Module, compressor: SavedCompressor, codec: Callab
         with compressor.hooks(codec()):
             return plain(*args, **kwargs)
 
+    forward.compressor = compressor  # the cost model asks which modules run under a codec
     return forward

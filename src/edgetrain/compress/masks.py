@@ -86,6 +86,7 @@ def masked_forward(module: nn.Module, threshold: float = 0.0, relu6_mode: str = 
             return _act(x, kind)
         return masked_activation(x, kind, threshold, relu6_mode)
 
+    forward.saves_mask = True  # the cost model counts 1 bit per output element when the input requires grad
     return forward
 
 
@@ -122,6 +123,7 @@ def dropout_forward(module: nn.Dropout) -> Callable[[Tensor], Tensor]:
             return x * 0
         return MaskedDropout.apply(x, module.p)
 
+    forward.saves_mask = module.p > 0  # the cost model counts 1 bit per element when training
     return forward
 
 

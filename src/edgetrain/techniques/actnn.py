@@ -118,6 +118,24 @@ def estimate_layer(saved_shapes: list[tuple[int, ...]], cfg: ActNN, mask: bool =
             "saved_bytes": sum(quant_payload_bytes(s, cfg.bits, cfg.group_size) for s in saved_shapes)}
 
 
+def estimate(table, cfg: ActNN, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
+    """Cost model: each tensor a hooked layer saves (as the trace's rules see it) becomes its group-quantised
+    payload when the codec would take it (floating point, at least ``min_bytes``); 1-bit masks of ReLU and
+    Dropout are counted by the trace itself."""
+    modules = dict(model.named_modules())
+    for name in targets:
+        m = modules[name]
+        if getattr(m.__dict__.get("forward"), "compressor", None) is None or name not in table.layers:
+            continue
+        bits = cfg.norm_bits if isinstance(m, NORM_LAYERS) and cfg.norm_bits is not None else cfg.bits
+        row = table.row(name)
+        total = 0
+        for nbytes, shape, is_float in row.items:
+            eligible = is_float and shape is not None and nbytes >= cfg.min_bytes
+            total += quant_payload_bytes(shape, bits, cfg.group_size) if eligible else nbytes
+        row.saved_per_sample, row.saved_fixed, row.technique = 0.0, float(total), "actnn"
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -138,5 +156,6 @@ register(
         grad_tolerance=0.0,
         examples=(ActNN(), ActNN(bits=4, norm_bits=None, group_size=64, noise="independent"),
                   ActNN(bits=8, relu_mask=False)),
+        estimate=estimate,
     )
 )

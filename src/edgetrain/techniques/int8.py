@@ -177,10 +177,7 @@ def estimate(table, cfg: Int8, targets: list[str], model: nn.Module) -> None:  #
         row.saved_per_sample += math.prod(table.shapes[name][0])
         row.saved_fixed += 8
         row.technique = "int8"
-    names = list(modules)
-    for name in names[min(names.index(n) for n in convs):]:
-        if isinstance(modules[name], MASKABLE) and name in table.shapes:
-            table.row(name).add_mask("int8")
+    # its 1-bit ReLU masks are counted by the cost model's trace (edgetrain.compress.masks)
 
 
 register(

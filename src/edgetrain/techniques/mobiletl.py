@@ -123,6 +123,12 @@ def irb_saved_elements(c: int, t: int = 6, inplace_relu6: bool = True) -> dict[s
     return {"plain": plain, "mobiletl": mobiletl, "reduction": 1 - mobiletl / plain}
 
 
+def estimate(table, cfg, targets, model) -> None:  # noqa: ANN001
+    """Cost model: nothing to add. The trace sees the frozen blocks, the shift-only BatchNorms (``x·s + t``
+    keeps only ``s``), the fp32 conv inputs and the last BN by rule, and counts the 1-bit masks of
+    :func:`edgetrain.compress.masks.masked_forward` itself."""
+
+
 register(
     TechniqueInfo(
         config=MobileTL,
@@ -136,5 +142,6 @@ register(
         exact=False,
         grad_tolerance=0.0,
         examples=(MobileTL(), MobileTL(last_k_blocks=2, relu6_mode="step", act_threshold=0.5)),
+        estimate=estimate,
     )
 )

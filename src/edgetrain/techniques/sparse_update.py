@@ -208,7 +208,7 @@ def _apply(model: nn.Module, cfg: SparseUpdate, targets: list[str]) -> Undo:
 
 # --------------------------------------------------------------------------------------------- estimate
 def estimate(table, cfg: SparseUpdate, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
-    """Cost model: partial convs keep ``n_keep`` input channels; masked activations keep 1 bit per element."""
+    """Cost model: a partial conv keeps ``n_keep`` of its input channels."""
     modules = dict(model.named_modules())
     for name, ratio in cfg.weights.items():
         if ratio < 1:
@@ -216,14 +216,7 @@ def estimate(table, cfg: SparseUpdate, targets: list[str], model: nn.Module) -> 
             row = table.row(name)
             row.saved_per_sample += n_keep(modules[name], ratio) * math.prod(in_shape[1:]) * 4
             row.technique = "sparse_update"
-    reg = region(model, cfg)
-    names = list(modules)
-    start = min((names.index(n) for n in reg), default=len(names))
-    head = [classifier(model)] if cfg.classifier else []
-    for name in names[start:]:
-        if isinstance(modules[name], MASKABLE) and not under(name, head) and name in table.shapes:
-            table.row(name).add_mask("sparse_update")
-
+    # its 1-bit ReLU masks are counted by the cost model's trace (edgetrain.compress.masks)
 
 register(
     TechniqueInfo(
