@@ -25,10 +25,13 @@ def test_group_quant_round_trip_within_one_level(bits, group, n, d, scale, seed)
     p = codec.encode(x)
     y = codec.decode(p)
     assert y.shape == x.shape and y.dtype == x.dtype
-    # every element lies within one quantisation level of its group's (bf16-widened) range
-    groups = torch.nn.functional.pad(x, (0, (-d) % group)).reshape(-1, group)
+    # every element lies within one quantisation level of its group's (bf16-widened) range; groups are per row,
+    # or over the flattened tensor when a row is shorter than a group
+    rows = x if d >= group else x.reshape(1, -1)
+    width = rows.shape[1]
+    groups = torch.nn.functional.pad(rows, (0, (-width) % group)).reshape(-1, group)
     rng = (groups.amax(1) - groups.amin(1)) * (1 + 2**-7) + 1e-30  # bf16 outward rounding widens by <= 1 ulp
-    step = (rng / (2**bits - 1)).repeat_interleave(group).reshape(n, -1)[:, :d]
+    step = (rng / (2**bits - 1)).repeat_interleave(group).reshape(len(rows), -1)[:, :width].reshape(n, d)
     assert ((y - x).abs() <= step * (1 + 1e-5) + 1e-6 * scale).all()
     assert p.nbytes == quant_payload_bytes(tuple(x.shape), bits, group)
 

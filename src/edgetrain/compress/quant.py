@@ -87,7 +87,7 @@ class GroupQuantCodec(Codec):
     def encode(self, x: Tensor) -> Payload:
         if not x.is_floating_point():
             raise ConfigError(f"GroupQuantCodec: needs a floating-point tensor, got {x.dtype}")
-        n = x.shape[0] if x.dim() > 1 else 1
+        n = _rows(tuple(x.shape), self.group_size)
         g = self.group_size
         flat = x.reshape(n, -1)  # (N, D)
         d = flat.shape[1]
@@ -123,6 +123,15 @@ class GroupQuantCodec(Codec):
         return x.view(n, dp)[:, :d].reshape(payload.shape)
 
 
+def _rows(shape: tuple[int, ...], group_size: int) -> int:
+    """Rows grouped separately: one per sample (ActNN's per-sample groups), unless a row is shorter than a group
+    (e.g. the (tokens, features) view a Linear keeps): then the tensor is grouped as one flat row, so that short
+    rows are not each padded to a whole group (4x the payload for 64-feature rows at group 256)."""
+    if len(shape) < 2 or shape[0] == 0 or math.prod(shape) // shape[0] < group_size:
+        return 1
+    return shape[0]
+
+
 def _unpack_float(packed: Tensor, bits: int, numel: int, dtype: torch.dtype) -> Tensor:
     """Unpack to floats in one gather: a 256-row table maps each byte to its ``8 // bits`` values."""
     if bits == 8:
@@ -140,7 +149,7 @@ def quant_bits_per_element(bits: int, group_size: int = 256, stat_bytes: int = 2
 
 def quant_payload_bytes(shape: tuple[int, ...], bits: int, group_size: int = 256, stat_bytes: int = 2) -> int:
     """Exact payload bytes :class:`GroupQuantCodec` uses for a tensor of ``shape`` (with padding)."""
-    n = shape[0] if len(shape) > 1 else 1
-    d = math.prod(shape) // max(n, 1) if len(shape) > 1 else math.prod(shape)
+    n = _rows(tuple(shape), group_size)
+    d = math.prod(shape) // n
     ng = math.ceil(d / group_size)
     return math.ceil(n * ng * group_size * bits / 8) + 2 * stat_bytes * n * ng
