@@ -116,3 +116,16 @@ def test_actnn_on_a_transformer_within_10_percent():
     torch.manual_seed(0)
     model = create_model("tiny_transformer", num_classes=10, image_size=32)
     _check(model, (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))), ActNN())
+
+
+def test_backward_macs_plain_and_filtered():
+    model = create_model("mobilenet_v2", num_classes=10, width_mult=0.35)
+    plain = estimate(model, et.Freeze(targets=["features.18.0"], classifier=False), (3, 32, 32), 2)
+    row = plain.layers["features.18.0"]
+    assert row.backward_macs == row.macs  # first trainable conv: weight gradient only
+    filt = estimate(model, et.GradientFilter(radius=2, last_n_convs=1, classifier=False), (3, 32, 32), 2)
+    # features.18.0 is a 1x1 conv on a 1x1 map at 32 px: one patch, so the filter cannot cut its MACs
+    assert filt.layers["features.18.0"].backward_macs == row.backward_macs
+    big = estimate(model, et.GradientFilter(radius=2, last_n_convs=1, classifier=False), (3, 128, 128), 2)
+    ref = estimate(model, et.Freeze(targets=["features.18.0"], classifier=False), (3, 128, 128), 2)
+    assert big.layers["features.18.0"].backward_macs * 4 == ref.layers["features.18.0"].backward_macs  # 4x4 -> 2x2

@@ -125,6 +125,7 @@ class LayerCost:
     weight_bytes: int = 0  # parameters held by this module
     trainable_bytes: int = 0  # of which require grad (= gradient bytes)
     macs: int = 0  # forward, per sample
+    backward_macs: int = 0  # input- and weight-gradient products of convs and linears, per sample
     saved_per_sample: float = 0.0
     saved_fixed: float = 0.0
     workspace_per_sample: float = 0.0
@@ -190,11 +191,15 @@ class CostTable:
     def macs(self) -> int:
         return sum(r.macs for r in self.layers.values()) * self.batch_size
 
+    @property
+    def backward_macs(self) -> int:
+        return sum(r.backward_macs for r in self.layers.values()) * self.batch_size
+
     def totals(self) -> dict[str, int]:
         return {"saved_bytes": self.saved_bytes, "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes,
                 "optimizer_bytes": self.optimizer_bytes, "train_bytes": self.train_bytes,
                 "workspace_bytes": self.workspace_bytes, "peak_estimate": self.peak_estimate,
-                "forward_macs": self.macs}
+                "forward_macs": self.macs, "backward_macs": self.backward_macs}
 
     def to_dict(self) -> dict[str, Any]:
         rows = []
@@ -216,6 +221,7 @@ class _Recorder(TorchFunctionMode):
         self.fresh: dict[str, int] = {}  # module -> bytes of new storages
         self.items: dict[str, list[tuple[int, tuple[int, ...] | None, bool]]] = {}  # module -> (bytes, shape, float)
         self.macs: dict[str, int] = {}
+        self.bmacs: dict[str, int] = {}
         self.work: dict[str, int] = {}
         self.keep: list[Any] = []  # keep traced tensors alive so that storage addresses are not reused
         self.seen: set[int] = set()
@@ -242,7 +248,11 @@ class _Recorder(TorchFunctionMode):
                 if name == "linear" and t.dim() > 2:  # F.linear keeps the 2-D view (rows, in_features)
                     shape = (t.numel() // t.shape[-1], t.shape[-1])
                 self.items.setdefault(mod, []).append((t.numel() * t.element_size(), shape, t.is_floating_point()))
-        self.macs[mod] = self.macs.get(mod, 0) + op_macs(name, args, kwargs, out)
+        macs = op_macs(name, args, kwargs, out)
+        self.macs[mod] = self.macs.get(mod, 0) + macs
+        if macs and torch.is_grad_enabled():  # backward: one product of the same size per gradient needed
+            w = args[1] if len(args) > 1 else None
+            self.bmacs[mod] = self.bmacs.get(mod, 0) + macs * (int(_rg(args[0])) + int(_rg(w)))
         tensors = [a for a in args if isinstance(a, Tensor)] + ([out] if isinstance(out, Tensor) else [])
         work = sum(t.numel() * t.element_size() for t in tensors)
         self.work[mod] = max(self.work.get(mod, 0), work)
@@ -338,6 +348,7 @@ def trace_table(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
         r.saved_per_sample = (sb - sa) / (b - a)
         r.saved_fixed = sa - a * r.saved_per_sample
         r.macs = rec_a.macs.get(name, 0) // a
+        r.backward_macs = rec_a.bmacs.get(name, 0) // a
         r.workspace_per_sample = rec_a.work.get(name, 0) / a
         ia, ib = rec_a.items.get(name, []), rec_b.items.get(name, [])
         if len(ia) == len(ib):  # what each saved tensor is at the table's batch size (for codec estimates)
@@ -396,12 +407,12 @@ def _with_estimate() -> list[str]:
 def format_table(table: CostTable, top: int | None = None) -> str:
     """A plain-text per-layer table (KiB) with totals."""
     rows = [r for r in table.layers.values() if r.weight_bytes or r.saved(table.batch_size) or r.macs]
-    head = f"{'layer':34s} {'kind':18s} {'weights':>9s} {'grad':>9s} {'saved':>10s} {'MMACs':>8s}"
+    head = f"{'layer':34s} {'kind':18s} {'weights':>9s} {'grad':>9s} {'saved':>10s} {'MMACs':>8s} {'bwd MMACs':>9s}"
     lines = [head, "-" * len(head)]
     for r in rows[:top] if top else rows:
         lines.append(f"{r.name or '(root)':34.34s} {r.kind:18.18s} {r.weight_bytes / 1024:9.1f} "
                      f"{r.trainable_bytes / 1024:9.1f} {r.saved(table.batch_size) / 1024:10.1f} "
-                     f"{r.macs * table.batch_size / 1e6:8.2f}")
+                     f"{r.macs * table.batch_size / 1e6:8.2f} {r.backward_macs * table.batch_size / 1e6:9.2f}")
     t = table.totals()
     lines.append("-" * len(head))
     lines.append(f"batch {table.batch_size}, optimizer {table.optimizer} (KiB): weights {t['param_bytes'] / 1024:.1f}, "

@@ -233,6 +233,7 @@ def estimate(table, cfg: GradientFilter, targets: list[str], model: nn.Module) -
         row = table.row(name)
         row.saved_per_sample += est["saved_bytes"] - theta  # x̃ of one sample
         row.saved_fixed += theta
+        row.backward_macs = est["backward_macs"]  # per sample (the estimate was for batch 1)
         row.technique = "gradient_filter"
 
 register(
