@@ -127,3 +127,20 @@ def test_trunc_exact_layer_tracks_the_exact_layer():
     x = torch.randn(2, 3, 8, 8)
     ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
     torch.testing.assert_close(conv(x), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_conv_padding_modes_same_and_deepcopy():
+    import copy
+
+    torch.manual_seed(1)
+    conv = ApproxConv2d(2, 3, 3, padding="same", padding_mode="reflect", multiplier="trunc_exact", mantissa_bits=11)
+    x = torch.randn(1, 2, 6, 6)
+    ref = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), conv.weight, conv.bias)
+    torch.testing.assert_close(conv(x), ref, rtol=2e-3, atol=2e-3)
+    twin = copy.deepcopy(conv)
+    with torch.no_grad():
+        twin.weight.zero_()
+    torch.testing.assert_close(twin(x), conv.bias.detach().view(1, -1, 1, 1).expand(1, 3, 6, 6))
+    torch.testing.assert_close(conv(x), ref, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ConfigError, match="asymmetric"):
+        ApproxConv2d(2, 3, 4, padding="same")

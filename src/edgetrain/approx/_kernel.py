@@ -48,63 +48,101 @@ static inline float slow_product(uint32_t ua, uint32_t ub, int ea, const int32_t
 }
 
 // Table variant: for a (KB x NB) block of B build T[l][v][:] = b_pow[l, :] * V[v, ib[l, :]] for every A mantissa v,
-// then every A element (i, l) adds a_pow * T[l][ia] to a register-resident row of NB outputs (no gather per
-// product). Pays 2^M * KB * NB table entries per block, amortised over the m rows of A.
+// then every A element (i, l) adds a_pow * T[l][ia] to register-resident rows of NB outputs (no gather per product;
+// IB rows of A at a time). Pays 2^M * KB * NB table entries per block, amortised over the m rows of A.
 template <int NB>
 torch::Tensor table_gemm(const float* a, const float* b, const float* V, const int32_t* LB, int64_t M,
-                         const std::vector<float>& apow, const std::vector<int32_t>& aoff,
-                         const std::vector<uint8_t>& aexp, const std::vector<float>& bpow,
-                         const std::vector<int32_t>& bidx, const std::vector<int>& bmin, const std::vector<int>& bmax,
+                         const std::vector<float>& apow, const std::vector<int32_t>& aidx,
+                         const std::vector<uint8_t>& aexp, const std::vector<uint8_t>& slowf,
+                         const std::vector<float>& bpow, const std::vector<int32_t>& bidx, const std::vector<int>& bmax,
                          int64_t m, int64_t k, int64_t n, torch::TensorOptions opt) {
+  constexpr int NV = NB / 16, IB = 4;
   const int64_t KB = 16, R = (int64_t)1 << M;
   torch::Tensor C = torch::zeros({m, n}, opt);
   float* c = C.data_ptr<float>();
-  constexpr int NV = NB / 16;
   std::vector<float> T(KB * R * NB);
+  alignas(64) float buf[NB];
   for (int64_t jb = 0; jb < n; jb += NB) {
     const int64_t nj = std::min((int64_t)NB, n - jb);
     for (int64_t lb = 0; lb < k; lb += KB) {
       const int64_t le = std::min(lb + KB, k);
       for (int64_t l = lb; l < le; ++l) {
+        float* Tl = T.data() + (l - lb) * R * NB;
+        if (bmax[l] > 253) { std::fill(Tl, Tl + R * NB, 0.0f); continue; }  // every non-zero A takes the slow path
         const float* bp = bpow.data() + l * n + jb;
         const int32_t* bi = bidx.data() + l * n + jb;
         for (int64_t v = 0; v < R; ++v) {
-          float* __restrict__ t = T.data() + ((l - lb) * R + v) * NB;
+          float* __restrict__ t = Tl + v * NB;
           const float* __restrict__ row = V + v * R;
           for (int64_t j = 0; j < nj; ++j) t[j] = bp[j] * row[bi[j]];
           for (int64_t j = nj; j < NB; ++j) t[j] = 0.0f;
         }
       }
-      for (int64_t i = 0; i < m; ++i) {
-        float* ci = c + i * n + jb;
-        alignas(64) float buf[NB];
-        for (int j = 0; j < NB; ++j) buf[j] = j < nj ? ci[j] : 0.0f;
-        v16 acc[NV];
-        for (int q = 0; q < NV; ++q) std::memcpy(&acc[q], buf + 16 * q, 64);
-        for (int64_t l = lb; l < le; ++l) {
-          const int64_t t_ = i * k + l;
-          const float ap = apow[t_];
-          if (ap == 0.0f || bmax[l] == 0) continue;
-          const int ea = aexp[t_];
-          if (bmax[l] <= 253 && ea + bmin[l] - 127 >= 1 && ea + bmax[l] - 126 <= 254) {
-            const float* t = T.data() + ((l - lb) * R + (aoff[t_] >> M)) * NB;
-            for (int q = 0; q < NV; ++q) {
-              v16 tv; std::memcpy(&tv, t + 16 * q, 64);
-              acc[q] += ap * tv;
-            }
+      for (int64_t i0 = 0; i0 < m; i0 += IB) {
+        const int rows = (int)std::min((int64_t)IB, m - i0);
+        v16 acc[IB][NV];
+        for (int r = 0; r < IB; ++r) {
+          if (r < rows && nj == NB) {
+            for (int q = 0; q < NV; ++q) std::memcpy(&acc[r][q], c + (i0 + r) * n + jb + 16 * q, 64);
           } else {
-            uint32_t ua; std::memcpy(&ua, a + t_, 4);
-            for (int64_t j = 0; j < nj; ++j) {
-              uint32_t ub; std::memcpy(&ub, b + l * n + jb + j, 4);
-              acc[j / 16][j % 16] += slow_product(ua, ub, ea, LB + aoff[t_], bidx[l * n + jb + j]);
+            for (int j = 0; j < NB; ++j) buf[j] = (r < rows && j < nj) ? c[(i0 + r) * n + jb + j] : 0.0f;
+            for (int q = 0; q < NV; ++q) std::memcpy(&acc[r][q], buf + 16 * q, 64);
+          }
+        }
+        for (int64_t l = lb; l < le; ++l) {
+          const float* Tl = T.data() + (l - lb) * R * NB;
+          for (int r = 0; r < IB; ++r) {
+            if (r >= rows) break;
+            const int64_t t_ = (i0 + r) * k + l;
+            if (__builtin_expect(slowf[t_], 0)) {  // may under/overflow: exact integer assembly per product
+              uint32_t ua; std::memcpy(&ua, a + t_, 4);
+              for (int64_t j = 0; j < NB; ++j) {
+                uint32_t ub = 0;
+                if (j < nj) std::memcpy(&ub, b + l * n + jb + j, 4);
+                buf[j] = j < nj ? slow_product(ua, ub, aexp[t_], LB + (aidx[t_] << M), bidx[l * n + jb + j]) : 0.0f;
+              }
+              for (int q = 0; q < NV; ++q) { v16 pv; std::memcpy(&pv, buf + 16 * q, 64); acc[r][q] += pv; }
+            } else {
+              const float ap = apow[t_];
+              const float* tr = Tl + (int64_t)aidx[t_] * NB;
+              for (int q = 0; q < NV; ++q) { v16 tv; std::memcpy(&tv, tr + 16 * q, 64); acc[r][q] += ap * tv; }
             }
           }
         }
-        for (int q = 0; q < NV; ++q) std::memcpy(buf + 16 * q, &acc[q], 64);
-        for (int64_t j = 0; j < nj; ++j) ci[j] = buf[j];
+        for (int r = 0; r < rows; ++r) {
+          for (int q = 0; q < NV; ++q) std::memcpy(buf + 16 * q, &acc[r][q], 64);
+          std::memcpy(c + (i0 + r) * n + jb, buf, nj * 4);
+        }
       }
     }
   }
+  return C;
+}
+
+// Per-element reference simulator (for speed comparisons only): every product through the scalar integer AMSim,
+// dot-product loop order, no blocking, vectorisation disabled. Finite inputs only.
+__attribute__((optimize("no-tree-vectorize")))
+torch::Tensor amm_naive(torch::Tensor A, torch::Tensor B, torch::Tensor lbits, int64_t M) {
+  A = A.contiguous(); B = B.contiguous(); lbits = lbits.contiguous();
+  const int64_t m = A.size(0), k = A.size(1), n = B.size(1);
+  const float* a = A.data_ptr<float>();
+  const float* b = B.data_ptr<float>();
+  const int32_t* LB = lbits.data_ptr<int32_t>();
+  const int sh = 23 - (int)M;
+  const uint32_t mask = (1u << M) - 1;
+  torch::Tensor C = torch::zeros({m, n}, A.options());
+  float* c = C.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.0f;
+      for (int64_t l = 0; l < k; ++l) {
+        const uint32_t ua = fbits(a[i * k + l]), ub = fbits(b[l * n + j]);
+        const int ea = (ua >> 23) & 255;
+        if (ea == 0) { acc += bitsf((ua ^ ub) & 0x80000000u); continue; }
+        acc += slow_product(ua, ub, ea, LB + (((ua >> sh) & mask) << M), (int32_t)((ub >> sh) & mask));
+      }
+      c[i * n + j] = acc;
+    }
   return C;
 }
 
@@ -123,30 +161,42 @@ torch::Tensor amm_lut(torch::Tensor A, torch::Tensor B, torch::Tensor values, to
   const int sh = 23 - (int)M;
   const uint32_t mask = (1u << M) - 1;
   std::vector<float> apow(m * k), bpow(k * n);
-  std::vector<int32_t> aoff(m * k), bidx(k * n);
-  std::vector<uint8_t> aexp(m * k);
+  std::vector<int32_t> aidx(m * k), bidx(k * n);
+  std::vector<uint8_t> aexp(m * k), slowf(m * k);
   std::vector<int> bmin(k, 255), bmax(k, 0);
-  for (int64_t t = 0; t < m * k; ++t) {
-    uint32_t u = fbits(a[t]); uint32_t e = (u >> 23) & 255u;
-    if (e == 255u) return torch::Tensor();
-    aexp[t] = (uint8_t)e;
-    apow[t] = e == 0 ? 0.0f : bitsf(u & 0xFF800000u);
-    aoff[t] = (int32_t)(((u >> sh) & mask) << M);
-  }
+  uint32_t special = 0;
   for (int64_t l = 0; l < k; ++l) {
+    int lo = 255, hi = 0;
     for (int64_t j = 0; j < n; ++j) {
-      int64_t t = l * n + j;
-      uint32_t u = fbits(b[t]); uint32_t e = (u >> 23) & 255u;
-      if (e == 255u) return torch::Tensor();
-      bpow[t] = e == 0 ? 0.0f : bitsf(u & 0xFF800000u);
+      const int64_t t = l * n + j;
+      const uint32_t u = fbits(b[t]), e = (u >> 23) & 255u;
+      special |= (e == 255u);
+      bpow[t] = bitsf(e ? (u & 0xFF800000u) : 0u);
       bidx[t] = (int32_t)((u >> sh) & mask);
-      if (e) { bmin[l] = std::min(bmin[l], (int)e); bmax[l] = std::max(bmax[l], (int)e); }
+      lo = std::min(lo, e ? (int)e : 255);
+      hi = std::max(hi, (int)e);
+    }
+    bmin[l] = lo; bmax[l] = hi;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t l = 0; l < k; ++l) {
+      const int64_t t = i * k + l;
+      const uint32_t u = fbits(a[t]), e = (u >> 23) & 255u;
+      special |= (e == 255u);
+      aexp[t] = (uint8_t)e;
+      apow[t] = bitsf(e ? (u & 0xFF800000u) : 0u);  // zero / subnormal: exact zero products
+      aidx[t] = (int32_t)((u >> sh) & mask);
+      // products of this A element may leave the normal range (or b_pow * V may overflow): exact scalar path
+      slowf[t] = (e != 0u) & ((bmax[l] > 253) | ((int)e + bmin[l] < 128) | ((int)e + bmax[l] > 380));
     }
   }
+  if (special) return torch::Tensor();
   if (table) {
-    if (n <= 16) return table_gemm<16>(a, b, V, LB, M, apow, aoff, aexp, bpow, bidx, bmin, bmax, m, k, n, A.options());
-    if (n <= 32) return table_gemm<32>(a, b, V, LB, M, apow, aoff, aexp, bpow, bidx, bmin, bmax, m, k, n, A.options());
-    return table_gemm<64>(a, b, V, LB, M, apow, aoff, aexp, bpow, bidx, bmin, bmax, m, k, n, A.options());
+#define TG(NB_) table_gemm<NB_>(a, b, V, LB, M, apow, aidx, aexp, slowf, bpow, bidx, bmax, m, k, n, A.options())
+    if (n <= 16) return TG(16);
+    if (n <= 32) return TG(32);
+    return TG(64);
+#undef TG
   }
   torch::Tensor C = torch::zeros({m, n}, A.options());
   float* c = C.data_ptr<float>();
@@ -161,17 +211,16 @@ torch::Tensor amm_lut(torch::Tensor A, torch::Tensor B, torch::Tensor values, to
           const int64_t t = i * k + l;
           const float ap = apow[t];
           if (ap == 0.0f || bmax[l] == 0) continue;  // exact zero products
-          const int ea = aexp[t];
-          const float* __restrict__ row = V + aoff[t];
-          const float* __restrict__ bp = bpow.data() + l * n + jb;
           const int32_t* __restrict__ bi = bidx.data() + l * n + jb;
-          if (bmax[l] <= 253 && ea + bmin[l] - 127 >= 1 && ea + bmax[l] - 126 <= 254) {
+          if (!slowf[t]) {
+            const float* __restrict__ row = V + ((int64_t)aidx[t] << M);
+            const float* __restrict__ bp = bpow.data() + l * n + jb;
             for (int64_t j = 0; j < nj; ++j) ci[j] += ap * (bp[j] * row[bi[j]]);
           } else {  // may under/overflow: integer assembly with FTZ / inf semantics
             uint32_t ua; std::memcpy(&ua, a + t, 4);
             for (int64_t j = 0; j < nj; ++j) {
               uint32_t ub; std::memcpy(&ub, b + l * n + jb + j, 4);
-              ci[j] += slow_product(ua, ub, ea, LB + aoff[t], bi[j]);
+              ci[j] += slow_product(ua, ub, aexp[t], LB + ((int64_t)aidx[t] << M), bi[j]);
             }
           }
         }
@@ -185,19 +234,25 @@ torch::Tensor amm_lut(torch::Tensor A, torch::Tensor B, torch::Tensor values, to
 
 @functools.lru_cache(maxsize=1)
 def kernel():
-    """The compiled ``amm_lut`` function, or ``None`` (disabled, or the build failed: warned once)."""
+    """The compiled module (``amm_lut``, ``amm_naive``), or ``None`` (disabled, or the build failed: warned once)."""
     if os.environ.get("EDGETRAIN_NO_EXT"):
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
-        mod = load_inline(name="edgetrain_amsim_v3", cpp_sources=SOURCE, functions=["amm_lut"],
+        mod = load_inline(name="edgetrain_amsim_v5", cpp_sources=SOURCE, functions=["amm_lut", "amm_naive"],
                           extra_cflags=["-O3", "-march=native"], verbose=False)
-        return mod.amm_lut
+        return mod
     except Exception as e:  # no compiler, no ninja, headers missing...
         warnings.warn(f"edgetrain.approx: compiled AMSim kernel unavailable ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}); using the slower pure-torch path", stacklevel=2)
         return None
+
+
+def naive():
+    """The compiled per-element reference ``amm_naive(A, B, lut_bits, M)`` (benchmarks), or ``None``."""
+    mod = kernel()
+    return None if mod is None else mod.amm_naive
 
 
 def available() -> bool:
@@ -206,7 +261,7 @@ def available() -> bool:
 
 def amm_kernel(a: torch.Tensor, b: torch.Tensor, values: torch.Tensor, bits: torch.Tensor, M: int, table: bool):
     """``C = A (x) B`` with the compiled kernel; ``None`` when unavailable or an operand holds inf/NaN."""
-    fn = kernel()
-    if fn is None:
+    mod = kernel()
+    if mod is None:
         return None
-    return fn(a, b, values, bits, M, table)  # an undefined C++ tensor arrives as None
+    return mod.amm_lut(a, b, values, bits, M, table)  # an undefined C++ tensor arrives as None

@@ -134,17 +134,19 @@ def approx_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, paddin
     return ApproxConv2dFn.apply(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups, lut)
 
 
-def conv_forward(conv: nn.Conv2d, lut: LUT):
-    """An approximate forward for an existing ``nn.Conv2d`` (its own parameters, any padding mode)."""
+def conv_apply(conv: nn.Conv2d, lut: LUT, x: Tensor) -> Tensor:
+    """``conv(x)`` with approximate products (the conv's own parameters; any padding mode)."""
     pad = conv_padding(conv)
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]), mode=conv.padding_mode)
+        pad = (0, 0)
+    return approx_conv2d(x, conv.weight, conv.bias, conv.stride, pad, conv.dilation, conv.groups, lut)
 
-    def forward(x: Tensor) -> Tensor:
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]), mode=conv.padding_mode)
-            return approx_conv2d(x, conv.weight, conv.bias, conv.stride, (0, 0), conv.dilation, conv.groups, lut)
-        return approx_conv2d(x, conv.weight, conv.bias, conv.stride, pad, conv.dilation, conv.groups, lut)
 
-    return forward
+def conv_forward(conv: nn.Conv2d, lut: LUT):
+    """An approximate forward for an existing ``nn.Conv2d`` (checks its padding once, here)."""
+    conv_padding(conv)
+    return lambda x: conv_apply(conv, lut, x)
 
 
 class ApproxLinear(nn.Linear):
@@ -169,10 +171,10 @@ class ApproxConv2d(nn.Conv2d):
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lut = _lut(lut, multiplier, mantissa_bits)
-        self._approx_forward = conv_forward(self, self.lut)
+        conv_padding(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._approx_forward(x)
+        return conv_apply(self, self.lut, x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, multiplier={self.lut.name}, M={self.lut.M}"
