@@ -136,6 +136,7 @@ def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> di
     from edgetrain.train import TrainConfig, build_optimizer, train
 
     torch.set_num_threads(threads)
+    prov = provenance(threads)  # the code that runs is the code at the start, whatever is committed meanwhile
     wl = spec.workload
     train_data, eval_data = wl.load_data("train"), wl.load_data("test")
     batch = wl.example_batch(train_data)
@@ -165,7 +166,8 @@ def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> di
         row["peak_ratio"] = round(row["peak_bytes"] / max(plain["peak_bytes"], 1), 4)
     extra = {"work": spec.work, "name": spec.name, "workload": wl.to_dict(), "train": dataclasses.asdict(cfg),
              "train_size": len(train_data), "eval_size": len(eval_data), "data": train_data.name}
-    return {"provenance": provenance(threads, extra), "rows": rows}
+    prov.update(extra, finished=provenance(threads)["date"])
+    return {"provenance": prov, "rows": rows}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
