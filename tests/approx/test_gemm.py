@@ -5,8 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgetrain.approx import _kernel, amm, amm_sequential, amm_torch, amul, get_lut
+from edgetrain.approx import _kernel, amm, amm_sequential, amm_torch, amul, build_lut, get_lut
 from edgetrain.approx.gemm import _transposed
+
+def first_operand(a, b, M):
+    """A deliberately non-commutative model: the product's mantissa is the first operand's (carry 0)."""
+    return a, 0 * b
+
+
+LUTS = {"first_operand": build_lut(first_operand, 5)}
+
+
+def lut_of(name: str, M: int):
+    return LUTS[name] if name in LUTS else get_lut(name, M)
+
 
 needs_kernel = pytest.mark.skipif(not _kernel.available(), reason="compiled AMSim kernel unavailable")
 
@@ -24,15 +36,15 @@ def assert_fp32_sum_close(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lut
 
 
 @needs_kernel
-@pytest.mark.parametrize("name,M", [("mitchell", 7), ("mbm", 3), ("trunc_exact", 11), ("mbm", 7)])
+@pytest.mark.parametrize("name,M", [("mitchell", 7), ("mbm", 3), ("trunc_exact", 11), ("mbm", 7), ("first_operand", 5)])
 @pytest.mark.parametrize("shape", [(5, 7, 3), (40, 70, 19), (33, 20, 70), (3, 130, 300)])
 def test_kernel_variants_equal_sequential_reference_bitwise(name, M, shape):
     g = torch.Generator().manual_seed(sum(shape))
     m, k, n = shape
     a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
     a[a.abs() < 0.3] = 0.0  # zeros are skipped by the kernel: must stay exact
-    ref = amm_sequential(a, b, get_lut(name, M))
-    lut = get_lut(name, M)
+    lut = lut_of(name, M)
+    ref = amm_sequential(a, b, lut)
     vt, bt = _transposed(lut)
     for table in ((False, True) if M <= 8 else (False,)):
         assert torch.equal(_kernel.amm_kernel(a, b, lut.values, lut.bits, M, table), ref), table

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgetrain.approx import ApproxConv2d, ApproxLinear, amul, approx_conv2d, approx_linear, get_lut
+from edgetrain.approx import ApproxConv2d, ApproxLinear, amul, approx_conv2d, approx_linear, build_lut, get_lut
 from edgetrain.errors import ConfigError
 
 
@@ -17,9 +17,14 @@ def close(got: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, k: int) -> No
     assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
 
 
-def test_linear_forward_and_gradients_match_per_element_reference():
+def first_operand(a, b, M):
+    """Non-commutative model (mantissa of the first operand): checks the operand order of every GEMM."""
+    return a, 0 * b
+
+
+@pytest.mark.parametrize("lut", [get_lut("mitchell", 7), build_lut(first_operand, 6)], ids=["mitchell", "noncommutative"])
+def test_linear_forward_and_gradients_match_per_element_reference(lut):
     g = torch.Generator().manual_seed(0)
-    lut = get_lut("mitchell", 7)
     x = torch.randn(6, 9, generator=g, requires_grad=True)
     w = torch.randn(5, 9, generator=g, requires_grad=True)
     bias = torch.randn(5, generator=g, requires_grad=True)
@@ -87,11 +92,11 @@ def conv_reference(x, w, gy, stride, padding, dilation, groups, lut):
     return (y, ym), (crop(gxp), crop(gxm)), (gw, gwm)
 
 
-@pytest.mark.parametrize("name", ["mbm", "mitchell"])
+@pytest.mark.parametrize("name", ["mbm", "mitchell", "noncommutative"])
 @pytest.mark.parametrize("stride,padding,dilation,groups", [((1, 1), (1, 1), (1, 1), 1), ((2, 1), (0, 2), (1, 2), 2)])
 def test_conv_forward_and_gradients_match_per_element_reference(name, stride, padding, dilation, groups):
     g = torch.Generator().manual_seed(1)
-    lut = get_lut(name, 7)
+    lut = build_lut(first_operand, 6) if name == "noncommutative" else get_lut(name, 7)
     x = torch.randn(2, 4, 7, 6, generator=g, requires_grad=True)
     w = torch.randn(6, 4 // groups, 3, 2, generator=g, requires_grad=True)
     b = torch.randn(6, generator=g, requires_grad=True)
