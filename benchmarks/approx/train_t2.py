@@ -120,7 +120,8 @@ def plot(rows: list[dict], path: Path, args) -> None:
             s, l = zip(*r["loss_curve"])
             axes[0][col].plot(s, l, label=r["multiplier"])
             s, a = zip(*r["eval_curve"])
-            axes[1][col].plot(s, [100 * v for v in a], marker="o", label=f"{r['multiplier']} ({100 * r['accuracy']:.2f}%)")
+            axes[1][col].plot(s, [100 * v for v in a], marker="o",
+                              label=f"{r['multiplier']} ({100 * r['accuracy']:.2f}%)")
         axes[0][col].set(title=f"{arch}: training loss (EMA 0.95)", xlabel="step", ylabel="loss", yscale="log")
         axes[1][col].set(title=f"{arch}: test accuracy on {args.eval_subset} images (final: full test set)",
                          xlabel="step", ylabel="accuracy %")

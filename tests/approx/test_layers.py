@@ -22,7 +22,8 @@ def first_operand(a, b, M):
     return a, 0 * b
 
 
-@pytest.mark.parametrize("lut", [get_lut("mitchell", 7), build_lut(first_operand, 6)], ids=["mitchell", "noncommutative"])
+@pytest.mark.parametrize("lut", [get_lut("mitchell", 7), build_lut(first_operand, 6)],
+                         ids=["mitchell", "noncommutative"])
 def test_linear_forward_and_gradients_match_per_element_reference(lut):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 9, generator=g, requires_grad=True)
@@ -77,14 +78,15 @@ def conv_reference(x, w, gy, stride, padding, dilation, groups, lut):
             for i in range(kh):
                 for j in range(kw):
                     r0, c0 = i * dilation[0], j * dilation[1]
-                    patch = xp[:, ci, r0:r0 + stride[0] * (ho - 1) + 1:stride[0],
-                               c0:c0 + stride[1] * (wo - 1) + 1:stride[1]]  # (N, Ho, Wo)
+                    rows = slice(r0, r0 + stride[0] * (ho - 1) + 1, stride[0])
+                    cols = slice(c0, c0 + stride[1] * (wo - 1) + 1, stride[1])
+                    patch = xp[:, ci, rows, cols]  # (N, Ho, Wo)
                     p = amul(patch, w[co, c, i, j].expand_as(patch), lut).double()
                     y[:, co] += p
                     ym[:, co] += p.abs()
                     q = amul(gy[:, co], w[co, c, i, j].expand_as(patch), lut).double()
-                    gxp[:, ci, r0:r0 + stride[0] * (ho - 1) + 1:stride[0], c0:c0 + stride[1] * (wo - 1) + 1:stride[1]] += q
-                    gxm[:, ci, r0:r0 + stride[0] * (ho - 1) + 1:stride[0], c0:c0 + stride[1] * (wo - 1) + 1:stride[1]] += q.abs()
+                    gxp[:, ci, rows, cols] += q
+                    gxm[:, ci, rows, cols] += q.abs()
                     r = amul(patch, gy[:, co], lut).double()
                     gw[co, c, i, j] += r.sum()
                     gwm[co, c, i, j] += r.abs().sum()
@@ -104,7 +106,8 @@ def test_conv_forward_and_gradients_match_per_element_reference(name, stride, pa
     assert y.shape == F.conv2d(x, w, b, stride, padding, dilation, groups).shape
     gy = torch.randn(y.shape, generator=g)
     y.backward(gy)
-    (yr, ym), (gxr, gxm), (gwr, gwm) = conv_reference(x.detach(), w.detach(), gy, stride, padding, dilation, groups, lut)
+    (yr, ym), (gxr, gxm), (gwr, gwm) = conv_reference(x.detach(), w.detach(), gy, stride, padding, dilation,
+                                                      groups, lut)
     cig = 4 // groups
     close(y.detach() - b.detach().view(1, -1, 1, 1), yr, ym, cig * 6)
     close(x.grad, gxr, gxm, 6 * 6)

@@ -9,8 +9,16 @@ scalar integer path with flush-to-zero/overflow semantics. Sums are sequential o
 (the order of ApproxTrain's per-thread ``value += amsim(...)``), so results equal
 :func:`edgetrain.approx.gemm.amm_sequential` bit for bit. Inputs holding inf/NaN are left to the torch path.
 
-Blocking: B is walked in (64 x 256) blocks that stay in L2; the 2^2M-entry float LUT (64 KiB at M = 7) stays in
-L1/L2. Zero A operands are skipped (their products are exact zeros). Single-threaded.
+Two variants (``table`` flag; :func:`edgetrain.approx.gemm._plan` picks one per GEMM shape with a cost model):
+
+* gather: for each A element, the LUT row of its mantissa (2^M floats, L1-resident) is gathered at the B row's
+  mantissas; B is walked in (64 x 256) blocks that stay in L2. Zero A operands are skipped (exact zero products).
+* table: for a (16 x NB) block of B, all 2^M LUT rows are pre-multiplied (``T[l][v][:] = b_pow[l, :] * V[v, ib]``),
+  then each A element adds ``a_pow * T[l][ia]`` -- one contiguous, vectorised row -- to register-resident
+  accumulators of 4 A rows. Pays 2^M table entries per B element, so it wins when A has many rows.
+
+A per-element naive simulator (``amm_naive``: scalar AMSim per product, no blocking or vectorisation) is compiled
+alongside, for speed comparisons only. Single-threaded.
 
 Disable with ``EDGETRAIN_NO_EXT=1``; if the build fails (no compiler) a warning is issued once and the
 pure-torch path is used.
