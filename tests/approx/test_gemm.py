@@ -68,6 +68,11 @@ def test_kernel_range_edges_use_exact_semantics():
         ref = amm_sequential(a, b, lut)
         assert torch.isinf(ref).any()
         assert torch.equal(amm(a, b, lut), ref)
+        vt, bt = _transposed(lut)
+        for table in (False, True):
+            assert torch.equal(_kernel.amm_kernel(a, b, lut.values, lut.bits, 7, table), ref), table
+            out_t = _kernel.amm_kernel(b.t().contiguous(), a.t().contiguous(), vt, bt, 7, table).t()
+            assert torch.equal(out_t, ref), ("transposed", table)
 
 
 def test_nonfinite_inputs_fall_back_and_propagate():

@@ -13,7 +13,8 @@ Two variants (``table`` flag; :func:`edgetrain.approx.gemm._plan` picks one per 
 
 * gather: for each A element, the LUT row of its mantissa (2^M floats, L1-resident) is gathered at the B row's
   mantissas; B is walked in (64 x 256) blocks that stay in L2. Zero A operands are skipped (exact zero products).
-* table: for a (16 x NB) block of B, all 2^M LUT rows are pre-multiplied (``T[l][v][:] = b_pow[l, :] * V[v, ib]``),
+* table: for a (16 x NB) block of B, all 2^M LUT rows are pre-multiplied (``T[l][v][:] = b_pow[l, :] * V[v, ib]``,
+  built from contiguous LUT columns by 16 x 16 in-register transposes when M >= 4, else by gathers),
   then each A element adds ``a_pow * T[l][ia]`` -- one contiguous, vectorised row -- to register-resident
   accumulators of 4 A rows. Pays 2^M table entries per B element, so it wins when A has many rows.
 
@@ -55,11 +56,35 @@ static inline float slow_product(uint32_t ua, uint32_t ub, int ea, const int32_t
   return bitsf(s | (((uint32_t)(ea + eb - 127) << 23) + entry));
 }
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// In-register transpose of 16 rows of 16 floats (four stages of 2-input shuffles, distances 8, 4, 2, 1).
+static inline void transpose16(v16* r) {
+  const v16i lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                      {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                      {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                      {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+  const v16i hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                      {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                      {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                      {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+  int s = 0;
+  for (int d = 8; d >= 1; d >>= 1, ++s) {
+    for (int i = 0; i < 16; ++i) {
+      if (i & d) continue;
+      const v16 a = r[i], c = r[i + d];
+      r[i] = __builtin_shuffle(a, c, lo[s]);
+      r[i + d] = __builtin_shuffle(a, c, hi[s]);
+    }
+  }
+}
+
 // Table variant: for a (KB x NB) block of B build T[l][v][:] = b_pow[l, :] * V[v, ib[l, :]] for every A mantissa v,
 // then every A element (i, l) adds a_pow * T[l][ia] to register-resident rows of NB outputs (no gather per product;
 // IB rows of A at a time). Pays 2^M * KB * NB table entries per block, amortised over the m rows of A.
 template <int NB>
-torch::Tensor table_gemm(const float* a, const float* b, const float* V, const int32_t* LB, int64_t M,
+torch::Tensor table_gemm(const float* a, const float* b, const float* V, const float* VT, const int32_t* LB,
+                         int64_t M,
                          const std::vector<float>& apow, const std::vector<int32_t>& aidx,
                          const std::vector<uint8_t>& aexp, const std::vector<uint8_t>& slowf,
                          const std::vector<float>& bpow, const std::vector<int32_t>& bidx, const std::vector<int>& bmax,
@@ -79,6 +104,20 @@ torch::Tensor table_gemm(const float* a, const float* b, const float* V, const i
         if (bmax[l] > 253) { std::fill(Tl, Tl + R * NB, 0.0f); continue; }  // every non-zero A takes the slow path
         const float* bp = bpow.data() + l * n + jb;
         const int32_t* bi = bidx.data() + l * n + jb;
+        if (R >= 16) {  // T[v][j] = b_pow[j] * VT[ib[j]][v]: contiguous LUT columns, transposed in registers
+          for (int jc = 0; jc < NB; jc += 16) {
+            for (int64_t v0 = 0; v0 < R; v0 += 16) {
+              v16 rr[16];
+              for (int j = 0; j < 16; ++j) {
+                if (jc + j < nj) { std::memcpy(&rr[j], VT + (int64_t)bi[jc + j] * R + v0, 64); rr[j] *= bp[jc + j]; }
+                else rr[j] = v16{};
+              }
+              transpose16(rr);
+              for (int q = 0; q < 16; ++q) std::memcpy(Tl + (v0 + q) * NB + jc, &rr[q], 64);
+            }
+          }
+          continue;
+        }
         for (int64_t v = 0; v < R; ++v) {
           float* __restrict__ t = Tl + v * NB;
           const float* __restrict__ row = V + v * R;
@@ -200,7 +239,9 @@ torch::Tensor amm_lut(torch::Tensor A, torch::Tensor B, torch::Tensor values, to
   }
   if (special) return torch::Tensor();
   if (table) {
-#define TG(NB_) table_gemm<NB_>(a, b, V, LB, M, apow, aidx, aexp, slowf, bpow, bidx, bmax, m, k, n, A.options())
+    torch::Tensor vt = values.t().contiguous();
+    const float* VT = vt.data_ptr<float>();
+#define TG(NB_) table_gemm<NB_>(a, b, V, VT, LB, M, apow, aidx, aexp, slowf, bpow, bidx, bmax, m, k, n, A.options())
     if (n <= 16) return TG(16);
     if (n <= 32) return TG(32);
     return TG(64);
@@ -248,7 +289,7 @@ def kernel():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        mod = load_inline(name="edgetrain_amsim_v5", cpp_sources=SOURCE, functions=["amm_lut", "amm_naive"],
+        mod = load_inline(name="edgetrain_amsim_v7", cpp_sources=SOURCE, functions=["amm_lut", "amm_naive"],
                           extra_cflags=["-O3", "-march=native"], verbose=False)
         return mod
     except Exception as e:  # no compiler, no ninja, headers missing...

@@ -45,9 +45,10 @@ def amm_torch(a: Tensor, b: Tensor, lut: LUT, block_bytes: int = BLOCK_BYTES) ->
     return out
 
 
-# Rough per-operation costs of the kernel variants (ns, one thread; measured with benchmarks/approx/speed.py on the
-# development machine): a gathered product, a table product (per padded output lane) and a table entry.
-GATHER_NS, TABLE_PRODUCT_NS, TABLE_ENTRY_NS = 0.7, 0.3, 1.0
+# Rough per-operation costs of the kernel variants (ns, one thread, on the development machine; from
+# benchmarks/approx/speed.py and per-variant timings): a gathered product, a table product (per padded output lane),
+# a table entry built by gathers (M < 4) or by in-register transposes of LUT columns (M >= 4).
+GATHER_NS, TABLE_PRODUCT_NS, TABLE_ENTRY_NS, TABLE_ENTRY_T16_NS = 0.7, 0.3, 1.0, 0.3
 
 
 def _padded(n: int) -> int:
@@ -59,7 +60,8 @@ def _plan(m: int, k: int, n: int, M: int) -> tuple[bool, bool]:
     options = {(n < m, False): GATHER_NS * m * k * n}  # gather kernel: the longer side innermost
     if M <= 8:
         for t, (outer, inner) in ((False, (m, n)), (True, (n, m))):
-            options[(t, True)] = (TABLE_PRODUCT_NS * outer + TABLE_ENTRY_NS * (1 << M)) * k * _padded(inner)
+            entry = TABLE_ENTRY_T16_NS if M >= 4 else TABLE_ENTRY_NS
+            options[(t, True)] = (TABLE_PRODUCT_NS * outer + entry * (1 << M)) * k * _padded(inner)
     return min(options, key=options.get)
 
 
