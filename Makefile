@@ -14,11 +14,12 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 demo: setup
 	$(PY) -m edgetrain bench --config benchmarks/demo.yaml --threads $(THREADS) --out runs/demo --force
 
+# the venv's bin on PATH: torch builds the compiled AMSim kernel with the venv's ninja
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-slow: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import warnings
 
 import torch
@@ -288,6 +289,14 @@ def kernel():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
+
+        if shutil.which("ninja") is None:  # the PyPI ninja (test extra) when the venv is not on PATH
+            try:
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
 
         mod = load_inline(name="edgetrain_amsim_v7", cpp_sources=SOURCE, functions=["amm_lut", "amm_naive"],
                           extra_cflags=["-O3", "-march=native"], verbose=False)
