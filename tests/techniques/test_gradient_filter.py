@@ -11,7 +11,7 @@ from torch import nn
 
 import edgetrain as et
 from edgetrain.measure import SavedTensorMeter, measure
-from edgetrain.techniques.gradient_filter import FilteredConv2d, estimate_conv, patch_geometry
+from edgetrain.techniques.gradient_filter import FilteredConv2d, estimate_conv, filtered_conv_forward, patch_geometry
 
 
 def slow_reference(x, w, b, stride, padding, groups, r, g, correct=False):
@@ -139,7 +139,7 @@ def test_saved_bytes_match_the_estimate():
     e3 = estimate_conv((8, 8, 16, 16), (8, 1, 3, 3), (8, 8), (2, 2), 8, 2, input_grad=False)
     e6 = estimate_conv((8, 8, 8, 8), (16, 8, 1, 1), (8, 8), (1, 1), 1, 2)
     assert meter.by_module["3"] == e3["saved_bytes"] == 8 * 8 * 4 * 4 * 4  # first trainable conv: x̃ only
-    # 1x1 conv: θ̃ is a view of the weight (a parameter, not counted), so x̃ only
+    # x̃ only: θ̃ is summed from the weight (a parameter, not counted) in backward
     assert meter.by_module["6"] == e6["saved_bytes"] == 8 * 8 * 4 * 4 * 4
     assert "0" not in meter.by_module  # frozen conv below the filtered ones saves nothing
     assert e6["plain_saved_bytes"] == 4 * e6["saved_bytes"]  # (r s)^2 = 4 times smaller input
@@ -177,3 +177,18 @@ def test_unsupported_layers_are_clear_errors():
         et.apply_(m, et.GradientFilter(last_n_convs=5))
     with pytest.raises(et.ConfigError, match="select no Conv2d"):
         et.apply_(m, et.GradientFilter(targets=["1"]))
+
+
+def test_a_filtered_dense_3x3_conv_never_saves_more_than_a_plain_one():
+    """At batch 1 on a 2x2 map a 512x512 3x3 conv's input is 8 KiB; a saved θ̃ would be 1 MiB."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(1, 64, 2, 2, requires_grad=True)
+    with SavedTensorMeter(conv) as plain:  # parameters excluded in both
+        conv(x)
+    fwd = filtered_conv_forward(conv, 4, False)
+    with SavedTensorMeter(conv) as filt:
+        y = fwd(x)
+    assert plain.saved_bytes == 64 * 2 * 2 * 4
+    assert filt.saved_bytes == 64 * 4  # x̃: one patch per channel
+    y.sum().backward()  # θ̃ from the weight in backward
+    assert conv.weight.grad is not None and x.grad is not None

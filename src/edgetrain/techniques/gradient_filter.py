@@ -7,12 +7,16 @@ as written up in ``specs/algorithms_A.md`` §2.2, re-implemented here.
 The output gradient ``g_y`` of a filtered conv is replaced by its average over ``r x r`` patches
 (``ḡ``, averaging only valid elements at the edges). With a patch-constant gradient the backward
 collapses: the layer saves only the **patch-summed input** ``x̃`` (each ``r·s x r·s`` input block summed,
-``(r·s)²`` times smaller than ``x``) and the **tap-summed kernel** ``θ̃`` (``C_out x C_in/g``), then
+``(r·s)²`` times smaller than ``x``) and uses the **tap-summed kernel** ``θ̃`` (``C_out x C_in/g``), then
 
 * input gradient: ``g̃_x[n, ci, P] = Σ_co θ̃[co, ci] ḡ[n, co, P]`` (within each group), broadcast over the
   ``r·s x r·s`` input block of patch ``P`` and cropped to the input;
 * weight gradient: ``G[co, ci, :, :] = Σ_{n,P} ḡ[n, co, P] x̃[n, ci, P]``, one value per (co, ci) for every tap;
 * bias gradient: exact, from the unfiltered ``g_y``.
+
+The official code saves ``θ̃``; we keep a reference to the weight (a parameter, resident anyway) and sum its
+taps in backward (``C_out·C_in/g·k²`` additions), so a filtered layer never saves more than a plain one: a
+saved ``θ̃`` of a 512x512 3x3 conv is 1 MiB, more than its whole input at batch 1 on a 2x2 map.
 
 Backward multiply-adds drop by about ``k² r²``. General grouped convs are handled per group (the official
 code is only right for depthwise and dense convs). For strided convs the official formulation gives
@@ -110,7 +114,7 @@ def patch_average(g: Tensor, blocks: tuple[int, int], r: int, before: tuple[int,
 
 # --------------------------------------------------------------------------------------------- autograd
 class FilteredConv2d(torch.autograd.Function):
-    """conv2d whose backward uses the patch-averaged output gradient; saves x̃ and θ̃ only."""
+    """conv2d whose backward uses the patch-averaged output gradient; saves x̃ (and the weight, a parameter)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, groups: int, r: int,
@@ -120,18 +124,14 @@ class FilteredConv2d(torch.autograd.Function):
         (ph, pw), block, pad_x, _ = geo
         need_w, need_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
         x_sum = block_sum(x, (ph, pw), block, pad_x) if need_w else None  # (N, C_in, P_h, P_w)
-        # θ̃ (C_out, C_in/g); for a 1x1 kernel it is the weight itself: save a view, not a copy
-        w_sum = None
-        if need_x:
-            w = weight.detach()
-            w_sum = w.view(w.shape[0], w.shape[1]) if w.shape[-2:] == (1, 1) else w.sum((-1, -2))
-        ctx.save_for_backward(x_sum, w_sum)
+        # the weight itself (resident, not an activation): θ̃ is summed from it in backward
+        ctx.save_for_backward(x_sum, weight.detach() if need_x else None)
         ctx.meta = (x.shape, weight.shape, y.shape[-2:], geo, groups, r, stride, stride_correction, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        x_sum, w_sum = ctx.saved_tensors
+        x_sum, weight = ctx.saved_tensors
         x_shape, w_shape, out_hw, geo, groups, r, stride, correct, has_bias = ctx.meta
         (ph, pw), block, pad_x, pad_g = geo
         n, cin, h, w = x_shape
@@ -140,6 +140,7 @@ class FilteredConv2d(torch.autograd.Function):
         g_bar = patch_average(g, (ph, pw), r, pad_g).reshape(n, groups, cout // groups, ph * pw)  # (N, g, Co/g, P)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
+            w_sum = weight.sum((-1, -2))  # θ̃: (C_out, C_in/g)
             wg = w_sum.reshape(groups, cout // groups, cin // groups)  # (g, Co/g, Ci/g)
             patch = torch.einsum("ngop,goi->ngip", g_bar, wg).reshape(n, cin, ph, pw) * scale  # (N, C_in, P_h, P_w)
             full = patch[:, :, :, None, :, None].expand(n, cin, ph, block[0], pw, block[1])  # a view, no copy
@@ -202,8 +203,8 @@ def estimate_conv(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
                   bytes_per_elem: int = 4, input_grad: bool = True) -> dict[str, int]:
     """Saved bytes and backward MACs of one trainable conv, filtered and plain (spec §2.3). Pure arithmetic.
 
-    ``input_grad=False`` for the first trainable conv (its input needs no gradient): θ̃ is then not saved and
-    the input-gradient contraction not computed.
+    ``input_grad=False`` for the first trainable conv (its input needs no gradient): the input-gradient
+    contraction is then not computed.
     """
     n, cin, h, w = x_shape
     cout, cin_g, kh, kw = w_shape
@@ -212,16 +213,15 @@ def estimate_conv(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
     plain_macs = 2 * n * cout * cin_g * kh * kw * ho * wo  # input-grad + weight-grad convolutions
     return {
         "plain_saved_bytes": n * cin * h * w * bytes_per_elem,
-        # x̃, and θ̃ unless the kernel is 1x1 (then θ̃ is a view of the weight, which is not an activation)
-        "saved_bytes": (n * cin * ph * pw + (cout * cin_g if input_grad and kh * kw > 1 else 0)) * bytes_per_elem,
+        "saved_bytes": n * cin * ph * pw * bytes_per_elem,  # x̃ only (θ̃ is summed from the weight in backward)
         "plain_backward_macs": plain_macs if input_grad else plain_macs // 2,
         "backward_macs": (2 if input_grad else 1) * n * cout * cin_g * ph * pw,  # (co, ci) contractions on patches
     }
 
 
 def estimate(table, cfg: GradientFilter, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
-    """Cost model: each filtered conv keeps x̃ per sample, plus θ̃ once (k > 1, not the first trainable conv:
-    everything below the first filtered conv is frozen, so its input needs no gradient)."""
+    """Cost model: each filtered conv keeps x̃ per sample (everything below the first filtered conv is frozen,
+    so that conv's input needs no gradient and its input-gradient products are not computed)."""
     if cfg.radius == 1:
         return  # exact path: stock conv2d, already in the trace
     modules = dict(model.named_modules())
@@ -229,10 +229,8 @@ def estimate(table, cfg: GradientFilter, targets: list[str], model: nn.Module) -
         conv, (in_shape, out_shape) = modules[name], table.shapes[name]
         est = estimate_conv((1, *in_shape), tuple(conv.weight.shape), tuple(out_shape[-2:]), conv.stride,
                             conv.groups, cfg.radius, input_grad=i > 0)
-        theta = conv.weight[:, :, 0, 0].numel() * 4 if i > 0 and conv.kernel_size != (1, 1) else 0
         row = table.row(name)
-        row.saved_per_sample += est["saved_bytes"] - theta  # x̃ of one sample
-        row.saved_fixed += theta
+        row.saved_per_sample += est["saved_bytes"]  # x̃ of one sample
         row.backward_macs = est["backward_macs"]  # per sample (the estimate was for batch 1)
         row.technique = "gradient_filter"
 
