@@ -188,7 +188,7 @@ def test_a_filtered_dense_3x3_conv_never_saves_more_than_a_plain_one():
     fwd = filtered_conv_forward(conv, 4, False)
     with SavedTensorMeter(conv) as filt:
         y = fwd(x)
-    assert plain.saved_bytes == 64 * 2 * 2 * 4
-    assert filt.saved_bytes == 64 * 4  # x̃: one patch per channel
+    assert plain.total_bytes == 64 * 2 * 2 * 4
+    assert filt.total_bytes == 64 * 4  # x̃: one patch per channel
     y.sum().backward()  # θ̃ from the weight in backward
     assert conv.weight.grad is not None and x.grad is not None
