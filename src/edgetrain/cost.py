@@ -223,11 +223,22 @@ class _Recorder(TorchFunctionMode):
         self.macs: dict[str, int] = {}
         self.bmacs: dict[str, int] = {}
         self.work: dict[str, int] = {}
-        self.keep: list[Any] = []  # keep traced tensors alive so that storage addresses are not reused
+        self.alive: list[Any] = []  # keep traced tensors alive so that storage addresses are not reused
         self.seen: set[int] = set()
         self.outputs = 0
         self.grad_inputs: dict[str, list[int]] = {}
         self.exclude: set[int] = set()  # parameter and buffer storages (not activations; the meter skips them too)
+
+    def keep(self, mod: str, t: Tensor, op: str = "") -> None:
+        """Count the storage of ``t`` as saved by ``mod`` unless it is counted already or a parameter/buffer."""
+        if _key(t) in self.seen or _key(t) in self.exclude:
+            return
+        self.seen.add(_key(t))
+        self.saved.setdefault(mod, {})[_key(t)] = t.untyped_storage().nbytes()
+        shape = tuple(t.shape)
+        if op == "linear" and t.dim() > 2:  # F.linear keeps the 2-D view (rows, in_features)
+            shape = (t.numel() // t.shape[-1], t.shape[-1])
+        self.items.setdefault(mod, []).append((t.numel() * t.element_size(), shape, t.is_floating_point()))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -236,18 +247,13 @@ class _Recorder(TorchFunctionMode):
         if name.startswith("__") or name in ("size", "dim", "numel", "detach", "view", "reshape", "flatten"):
             return out
         mod = self.stack[-1]
-        self.keep.append((args, out))
+        self.alive.append((args, out))
         for t, nbytes in op_saves(name, args, kwargs, out):
-            if t is None:
+            if t is not None:
+                self.keep(mod, t, name)
+            else:
                 self.fresh[mod] = self.fresh.get(mod, 0) + nbytes
                 self.items.setdefault(mod, []).append((nbytes, None, False))
-            elif _key(t) not in self.seen and _key(t) not in self.exclude:
-                self.seen.add(_key(t))
-                self.saved.setdefault(mod, {})[_key(t)] = t.untyped_storage().nbytes()
-                shape = tuple(t.shape)
-                if name == "linear" and t.dim() > 2:  # F.linear keeps the 2-D view (rows, in_features)
-                    shape = (t.numel() // t.shape[-1], t.shape[-1])
-                self.items.setdefault(mod, []).append((t.numel() * t.element_size(), shape, t.is_floating_point()))
         macs = op_macs(name, args, kwargs, out)
         self.macs[mod] = self.macs.get(mod, 0) + macs
         if macs and torch.is_grad_enabled():  # backward: one product of the same size per gradient needed
@@ -292,6 +298,11 @@ def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
                             tuple(out.shape[1:]) if isinstance(out, Tensor) else None)
             if i is not None and i.requires_grad and torch.is_grad_enabled() and mod.training:
                 grad_inputs.setdefault(name, []).append(out.numel() // len(out) if isinstance(out, Tensor) else 0)
+            # a technique's custom Function that keeps the module's input (forward tagged ``saves_input``)
+            if (i is not None and getattr(mod.__dict__.get("forward"), "saves_input", False) and torch.is_grad_enabled()
+                    and (i.requires_grad or any(p.requires_grad for p in mod.parameters(recurse=False)))):
+                rec.alive.append(i)
+                rec.keep(name, i)
 
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     rec = _Recorder(stack)

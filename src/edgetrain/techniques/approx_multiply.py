@@ -79,13 +79,32 @@ def _apply(model: nn.Module, cfg: ApproxMultiply, targets: list[str]) -> Undo:
         for name in targets:
             m = modules[name]
             if isinstance(m, nn.Linear):
-                patch_forward(m, lambda x, m=m: approx_linear(x, m.weight, m.bias, lut), undo)
+                fwd = lambda x, m=m: approx_linear(x, m.weight, m.bias, lut)  # noqa: E731
             else:
-                patch_forward(m, conv_forward(m, lut), undo)
+                fwd = conv_forward(m, lut)
+            # the approximate Functions keep their input x (the cost model's trace counts it); a conv with a
+            # non-zero padding mode keeps its padded copy instead (counted by ``estimate``)
+            fwd.saves_input = isinstance(m, nn.Linear) or m.padding_mode == "zeros"
+            patch_forward(m, fwd, undo)
     except BaseException:
         undo.remove()
         raise
     return undo
+
+
+def estimate(table, cfg: ApproxMultiply, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
+    """Cost model: the approximate Functions keep their fp32 input (and the weight, a parameter); the trace
+    counts the input of every simulated layer once (``saves_input``). A conv with a non-zero padding mode keeps
+    its padded input instead, added here."""
+    modules = dict(model.named_modules())
+    for name in targets:
+        m = modules[name]
+        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" and name in table.shapes:
+            c, h, w = table.shapes[name][0]
+            ph, pw = m.padding if isinstance(m.padding, tuple) else (m.padding, m.padding)
+            row = table.row(name)
+            row.saved_per_sample += c * (h + 2 * ph) * (w + 2 * pw) * 4
+            row.technique = "approx_multiply"
 
 
 register(
@@ -100,5 +119,6 @@ register(
         exact=False,
         grad_tolerance=0.0,  # float64 conformance does not apply (fp32 format); reference tests in tests/approx/
         examples=(ApproxMultiply(), ApproxMultiply(model="mbm", mantissa_bits=3, targets=("features.*",))),
+        estimate=estimate,
     )
 )
