@@ -129,3 +129,14 @@ def test_backward_macs_plain_and_filtered():
     big = estimate(model, et.GradientFilter(radius=2, last_n_convs=1, classifier=False), (3, 128, 128), 2)
     ref = estimate(model, et.Freeze(targets=["features.18.0"], classifier=False), (3, 128, 128), 2)
     assert big.layers["features.18.0"].backward_macs * 4 == ref.layers["features.18.0"].backward_macs  # 4x4 -> 2x2
+
+
+@pytest.mark.parametrize("cfg", [None, "fp16", "fp32"])
+def test_bnn_edge_estimate_on_the_binary_mlp(cfg):
+    """Binary MLP (T2): packed masks, fp16 latent weights, and a computed (non-parameter) weight kept by linear."""
+    from edgetrain.techniques.bnn_edge import BNNEdge, binary_mlp
+
+    torch.manual_seed(0)
+    model = binary_mlp(hidden=64, depth=2)
+    recipe = {None: None, "fp16": BNNEdge(), "fp32": BNNEdge(fp16_weights=False, fp16_grads=False)}[cfg]
+    _check(model, (torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))), recipe)

@@ -66,12 +66,12 @@ def op_saves(name: str, args: tuple, kwargs: dict, out: Any) -> list[tuple[Tenso
     if name == "mul" and len(args) > 1 and isinstance(args[1], Tensor):  # keeps each factor the other's grad needs
         y = args[1]
         return ([(y, 0)] if _rg(x) else []) + ([(x, 0)] if _rg(y) else [])
-    if name in ("conv1d", "conv2d", "conv3d"):
+    if name in ("conv1d", "conv2d", "conv3d"):  # one formula: input and weight (a parameter is skipped)
         w = args[1] if len(args) > 1 else kwargs.get("weight")
-        return [(x, 0)] if _rg(x) or _rg(w) else []
-    if name == "linear":
+        return [(x, 0)] + ([(w, 0)] if isinstance(w, Tensor) else []) if _rg(x) or _rg(w) else []
+    if name == "linear":  # input for the weight gradient, weight for the input gradient (a parameter is skipped)
         w = args[1] if len(args) > 1 else kwargs.get("weight")
-        return [(x, 0)] if _rg(w) else []
+        return ([(x, 0)] if _rg(w) else []) + ([(w, 0)] if _rg(x) and isinstance(w, Tensor) else [])
     if not (_rg(x) or any(_rg(a) for a in args[1:])):
         return []
     inplace = isinstance(out, Tensor) and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
@@ -336,7 +336,8 @@ def trace_table(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
         raise ConfigError(f"estimate: optimizer must be one of {sorted(OPT_COPIES)}, got {optimizer!r}")
     if batch_size < 1:
         raise ConfigError(f"estimate: batch_size must be >= 1, got {batch_size}")
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    # inputs are fp32 (float64 for a float64 model); fp16 parameters (e.g. bnn_edge latent weights) do not change it
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
     a, b = batches
     rec_a, shapes = _trace(model, torch.zeros((a, *input_shape), dtype=dtype))
     rec_b, _ = _trace(model, torch.zeros((b, *input_shape), dtype=dtype))

@@ -214,6 +214,7 @@ def _binary_forward(m: nn.Module, fp16_grad: bool):
     def forward(x: Tensor) -> Tensor:
         return EdgeBinaryLayer.apply(x, m.weight, conv, m.first_layer, fp16_grad)
 
+    forward.saves_input = m.first_layer  # the cost model's trace counts a first layer's real input
     return forward
 
 
@@ -249,6 +250,25 @@ def _apply(model: nn.Module, cfg: BNNEdge, targets: list[str]) -> Undo:
     return undo
 
 
+def estimate(table, cfg: BNNEdge, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
+    """Cost model: binary layers keep packed ``sign(x)`` (1 bit per input element; a first layer's real input is
+    counted by the trace), sign activations their packed STE mask, l1 BatchNorms packed ``sign(x̂)`` plus σ₁ and
+    κ (two fp32 vectors). fp16 weights, gradients and optimizer state come from the parameters' dtype."""
+    modules = dict(model.named_modules())
+    for name in targets:
+        m, shapes = modules[name], table.shapes.get(name)
+        if shapes is None or shapes[0] is None:
+            continue
+        bits = math.prod(shapes[0]) / 8  # one bit per input element, per sample
+        row = table.row(name)
+        if isinstance(m, (BinaryLinear, BinaryConv2d)) and not m.first_layer or isinstance(m, SignActivation):
+            row.saved_per_sample += bits
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            row.saved_per_sample += bits
+            row.saved_fixed += 2 * m.num_features * 4
+        row.technique = "bnn_edge"
+
+
 register(
     TechniqueInfo(
         config=BNNEdge,
@@ -262,5 +282,6 @@ register(
         exact=False,
         grad_tolerance=0.0,
         examples=(BNNEdge(), BNNEdge(fp16_weights=False, fp16_grads=False)),
+        estimate=estimate,
     )
 )
