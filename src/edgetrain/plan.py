@@ -131,7 +131,9 @@ def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | Non
         raise ConfigError(f"analysis: bias k values must be in [0, {len(convs)}], got {ks}")
     cands = weight_candidates(probe, weight_last)
     k_ref = max(len(convs) - convs.index(cands[0]), 1) if cands else 0
-    key = {"version": ANALYSIS_VERSION, "workload": dataclasses.asdict(workload), "steps": steps, "lr": lr}
+    # the resolved data name (not the workload's ``data=None``), so that the same data hits the same cache
+    key = {"version": ANALYSIS_VERSION, "workload": {**dataclasses.asdict(workload), "data": train_data.name},
+           "steps": steps, "lr": lr}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = (cache or cache_dir()) / f"{workload.model}-{digest}.json"
     runs: dict[str, float] = {}
@@ -272,8 +274,8 @@ def format_plan(p: Plan, model: nn.Module) -> str:
     reg = region(model, cfg)
     bias_rows = {bias_of(model, c)[0]: c for c in reg if bias_of(model, c)}
     head = classifier(model)
-    lines = [f"{'layer':30s} {'update':22s} {'precision':9s} {'trainable+grad+opt':>18s} {'saved':>11s}",
-             "-" * 94]
+    lines = [f"{'layer':30s} {'update':34s} {'precision':9s} {'trainable+grad+opt':>18s} {'saved':>11s}",
+             "-" * 106]
     for name, row in t.layers.items():
         state = row.trainable_bytes * (2 + opt)
         saved = row.saved(b)
@@ -288,9 +290,9 @@ def format_plan(p: Plan, model: nn.Module) -> str:
         elif name == "(loss)":
             what = "loss"
         else:
-            what = "1-bit mask" if row.technique == "sparse_update" else "(gradient path)"
-        lines.append(f"{name:30.30s} {what:22.22s} {'fp32':9s} {format_size(state):>18s} {format_size(saved):>11s}")
-    lines.append("-" * 94)
+            what = "1-bit mask" if row.masked else "(gradient path)"
+        lines.append(f"{name:30.30s} {what:34.34s} {'fp32':9s} {format_size(state):>18s} {format_size(saved):>11s}")
+    lines.append("-" * 106)
     lines.append(f"predicted: {format_size(t.train_bytes)} of {format_size(p.budget)} budget (trainable weights "
                  f"{format_size(t.grad_bytes)}, gradients {format_size(t.grad_bytes)}, optimizer "
                  f"{format_size(t.optimizer_bytes)}, saved activations {format_size(t.saved_bytes)}); batch {b}")
