@@ -150,7 +150,8 @@ def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> di
         apply_(model, recipe)
         m = measure(model, batch, optimizer=build_optimizer(model, cfg), warmup=1, repeats=spec.measure_repeats)
         t0 = time.perf_counter()
-        result = train(model, train_data, eval_data, cfg, progress=progress)
+        # already applied above; an empty recipe with its name labels the progress bar
+        result = train(model, train_data, eval_data, cfg, recipe=Recipe(name=recipe.name), progress=progress)
         row = {"name": recipe.name, "techniques": recipe.technique_names, **m.to_dict()}
         row.update(accuracy=result.accuracy, train_seconds=round(time.perf_counter() - t0, 2),
                    train_bytes=m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes,
