@@ -39,7 +39,6 @@ def test_device_profiles_cite_sources():
 
 
 def _contribution(model, gains):
-    convs = conv_names(model)
     return Contribution(baseline=0.5, bias={0: 0.0, 1: 0.01, 2: 0.02, 3: 0.03}, weights=gains, k_ref=3, meta={})
 
 

@@ -28,7 +28,6 @@ the tests do not hold to 10% (the saved, gradient and optimizer bytes they do).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,80 +36,11 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from edgetrain.autograd_rules import needs_grad, op_macs, op_saves
 from edgetrain.errors import ConfigError
+from edgetrain.measure import storage_key
 
-# ------------------------------------------------------------------------------------------------ rules
-# op name -> what it keeps for backward: a tuple of ("in", i) / ("out",) / ("mask",) / ("stats", dim) /
-# ("indices",) items. Only ops that keep activations are listed; anything else (add, view, cat, mul with a
-# constant, ...) keeps nothing of activation size.
-_ANY = "any"  # keep when any tensor input requires grad
-_ACT_IN = {"hardtanh", "relu6", "hardswish", "gelu", "silu", "elu", "leaky_relu", "hardsigmoid", "mish"}
-_ACT_OUT = {"relu", "sigmoid", "tanh", "softmax", "log_softmax", "exp"}
-_POOL_IN = {"avg_pool2d", "avg_pool1d"}  # adaptive average pooling keeps only the input's shape
-OPT_COPIES = {"sgd": 0, "sgd_momentum": 1, "adamw": 2, "adam": 2}
-
-
-def _rg(t: Any) -> bool:
-    return isinstance(t, Tensor) and t.requires_grad
-
-
-def _key(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def op_saves(name: str, args: tuple, kwargs: dict, out: Any) -> list[tuple[Tensor | None, int]]:
-    """What stock autograd keeps for op ``name``: a list of ``(tensor or None, bytes)`` (None: a new storage)."""
-    x = args[0] if args else None
-    if not isinstance(x, Tensor) or not torch.is_grad_enabled():
-        return []
-    if name == "mul" and len(args) > 1 and isinstance(args[1], Tensor):  # keeps each factor the other's grad needs
-        y = args[1]
-        return ([(y, 0)] if _rg(x) else []) + ([(x, 0)] if _rg(y) else [])
-    if name in ("conv1d", "conv2d", "conv3d"):  # one formula: input and weight (a parameter is skipped)
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
-        return [(x, 0)] + ([(w, 0)] if isinstance(w, Tensor) else []) if _rg(x) or _rg(w) else []
-    if name == "linear":  # input for the weight gradient, weight for the input gradient (a parameter is skipped)
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
-        return ([(x, 0)] if _rg(w) else []) + ([(w, 0)] if _rg(x) and isinstance(w, Tensor) else [])
-    if not (_rg(x) or any(_rg(a) for a in args[1:])):
-        return []
-    inplace = isinstance(out, Tensor) and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-    if name == "batch_norm":
-        c = x.shape[1]
-        training = args[5] if len(args) > 5 else kwargs.get("training", False)
-        return [(x, 0), (None, 2 * c * 4 if training else 0)]
-    if name in ("layer_norm", "group_norm"):
-        rows = x.numel() // math.prod(args[1]) if name == "layer_norm" else x.shape[0] * args[1]
-        return [(x, 0), (None, 2 * rows * 4)]
-    if name in _ACT_IN or name.rstrip("_") in _ACT_IN:
-        return [(None, x.numel() * x.element_size())] if inplace else [(x, 0)]  # in place: autograd keeps a clone
-    if name in _ACT_OUT or name.rstrip("_") in _ACT_OUT:
-        return [(out, 0)] if isinstance(out, Tensor) else []
-    if name == "dropout":
-        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-        training = args[2] if len(args) > 2 else kwargs.get("training", True)
-        # CPU dropout multiplies by a mask of the input's dtype and keeps it (measured: 4 bytes per fp32 element)
-        return [(None, x.numel() * x.element_size())] if training and p > 0 else []
-    if name in _POOL_IN:
-        return [(x, 0)]
-    if name == "scaled_dot_product_attention":  # CPU flash kernel: q, k, v, output and the log-sum-exp rows
-        q = args[0]
-        return [(q, 0), (args[1], 0), (args[2], 0), (out, 0), (None, q[..., 0].numel() * 4)]
-    if name == "max_pool2d":
-        return [(x, 0), (None, out.numel() * 8 if isinstance(out, Tensor) else 0)]
-    return []
-
-
-def op_macs(name: str, args: tuple, kwargs: dict, out: Any) -> int:
-    """Forward multiply-accumulates of convs and linears (others are counted as 0)."""
-    if not isinstance(out, Tensor) or len(args) < 2 or not isinstance(args[1], Tensor):
-        return 0
-    w = args[1]
-    if name.startswith("conv"):
-        return out.numel() * w[0].numel()
-    if name == "linear":
-        return out.numel() * w.shape[-1]
-    return 0
+OPT_COPIES = {"sgd": 0, "sgd_momentum": 1, "adamw": 2, "adam": 2}  # optimizer state copies of the trainable params
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -231,10 +161,10 @@ class _Recorder(TorchFunctionMode):
 
     def keep(self, mod: str, t: Tensor, op: str = "") -> None:
         """Count the storage of ``t`` as saved by ``mod`` unless it is counted already or a parameter/buffer."""
-        if _key(t) in self.seen or _key(t) in self.exclude:
+        if storage_key(t) in self.seen or storage_key(t) in self.exclude:
             return
-        self.seen.add(_key(t))
-        self.saved.setdefault(mod, {})[_key(t)] = t.untyped_storage().nbytes()
+        self.seen.add(storage_key(t))
+        self.saved.setdefault(mod, {})[storage_key(t)] = t.untyped_storage().nbytes()
         shape = tuple(t.shape)
         if op == "linear" and t.dim() > 2:  # F.linear keeps the 2-D view (rows, in_features)
             shape = (t.numel() // t.shape[-1], t.shape[-1])
@@ -258,7 +188,7 @@ class _Recorder(TorchFunctionMode):
         self.macs[mod] = self.macs.get(mod, 0) + macs
         if macs and torch.is_grad_enabled():  # backward: one product of the same size per gradient needed
             w = args[1] if len(args) > 1 else None
-            self.bmacs[mod] = self.bmacs.get(mod, 0) + macs * (int(_rg(args[0])) + int(_rg(w)))
+            self.bmacs[mod] = self.bmacs.get(mod, 0) + macs * (int(needs_grad(args[0])) + int(needs_grad(w)))
         tensors = [a for a in args if isinstance(a, Tensor)] + ([out] if isinstance(out, Tensor) else [])
         work = sum(t.numel() * t.element_size() for t in tensors)
         self.work[mod] = max(self.work.get(mod, 0), work)
@@ -306,7 +236,7 @@ def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
 
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     rec = _Recorder(stack)
-    rec.exclude = {_key(t) for t in (*model.parameters(), *model.buffers())}
+    rec.exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
     try:
         with _restored(model), rec:
             out = model(x)

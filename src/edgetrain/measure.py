@@ -40,7 +40,7 @@ from edgetrain.errors import ConfigError
 _ACTIVE: contextvars.ContextVar[tuple[SavedTensorMeter, ...]] = contextvars.ContextVar("edgetrain_meters", default=())
 
 
-def _storage_key(t: Tensor) -> int:
+def storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
@@ -49,7 +49,7 @@ def unique_bytes(tensors: Iterable[Tensor | None]) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, Tensor) and t.device.type != "meta":
-            seen[_storage_key(t)] = t.untyped_storage().nbytes()
+            seen[storage_key(t)] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
 
@@ -65,7 +65,7 @@ class SavedTensorMeter:
     def __init__(self, model: nn.Module | None = None, exclude: Iterable[Tensor] = ()) -> None:
         self.model = model
         resident = list(exclude) + (list(model.parameters()) + list(model.buffers()) if model is not None else [])
-        self._exclude = {_storage_key(t) for t in resident}
+        self._exclude = {storage_key(t) for t in resident}
         self._seen: set[int] = set()
         self._stack: list[str] = []
         self._handles: list[Any] = []
@@ -79,7 +79,7 @@ class SavedTensorMeter:
         """Count ``t``'s storage once (unless excluded)."""
         if not isinstance(t, Tensor) or t.device.type == "meta" or isinstance(t, nn.Parameter):
             return
-        key = _storage_key(t)
+        key = storage_key(t)
         if key in self._exclude or key in self._seen:
             return
         self._seen.add(key)

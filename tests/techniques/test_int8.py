@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import edgetrain as et
 from edgetrain.cost import estimate
-from edgetrain.measure import SavedTensorMeter
 from edgetrain.testing import model_state, tiny_batch, tiny_model
 from edgetrain.techniques.int8 import Int8Conv2d, dequantize_input, quantize_input
 

@@ -68,7 +68,6 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
         raise ConfigError(f"bitpack: {packed.numel()} bytes cannot hold {numel} values of {bits} bits")
     if bits == 8:
         return packed.reshape(-1)
-    per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
     mask = (1 << bits) - 1
     out = (packed.view(-1, 1) >> shifts) & mask  # (ceil(n / per), per)

@@ -136,7 +136,6 @@ def _unpack_float(packed: Tensor, bits: int, numel: int, dtype: torch.dtype) -> 
     """Unpack to floats in one gather: a 256-row table maps each byte to its ``8 // bits`` values."""
     if bits == 8:
         return unpack_bits(packed, bits, numel).to(dtype)
-    per = 8 // bits
     table = ((torch.arange(256, device=packed.device)[:, None] >> torch.arange(0, 8, bits, device=packed.device))
              & (2**bits - 1)).to(dtype)  # (256, per)
     return F.embedding(packed.long(), table).view(-1)[:numel]  # (numel,)
