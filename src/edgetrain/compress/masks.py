@@ -131,3 +131,23 @@ def mask_is_exact(module: nn.Module, relu6_mode: str = "exact") -> bool:
     """Whether :func:`masked_forward` reproduces the module's true gradient."""
     kind = MASKABLE.get(type(module))
     return kind == "relu" or (kind == "relu6" and relu6_mode == "exact")
+
+
+EXACT_MASKABLE = (nn.ReLU, nn.ReLU6)  # activations whose 1-bit mask gives the exact gradient
+
+
+def mask_activations_from(model: nn.Module, first: list[str], undo, skip: list[str] = ()) -> list[str]:  # noqa: ANN001
+    """Give every ReLU/ReLU6 from the earliest module of ``first`` on (module order) a 1-bit-mask forward, except
+    those under ``skip`` or already changed by another technique; returns the patched names."""
+    from edgetrain.apply import patch_forward, under
+
+    modules = dict(model.named_modules())
+    names = list(modules)
+    start = min((names.index(n) for n in first), default=len(names))
+    patched = []
+    for name in names[start:]:
+        m = modules[name]
+        if isinstance(m, EXACT_MASKABLE) and "forward" not in m.__dict__ and not under(name, skip):
+            patch_forward(m, masked_forward(m), undo)
+            patched.append(name)
+    return patched

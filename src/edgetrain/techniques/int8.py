@@ -32,12 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetrain.apply import Undo, classifier, patch_forward, under
-from edgetrain.compress.masks import masked_forward
+from edgetrain.compress.masks import mask_activations_from
 from edgetrain.errors import ConfigError
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.technique import Technique, check
 
-MASKABLE = (nn.ReLU, nn.ReLU6)  # exact 1-bit masks
 QMAX = 127  # symmetric int8 weights in [-127, 127] (TTE/PyTorch per-channel symmetric convention)
 
 
@@ -158,11 +157,7 @@ def _apply(model: nn.Module, cfg: Int8, targets: list[str]) -> Undo:
 
         undo.add(restore)
     # ReLU/ReLU6 after the first int8 conv keep a 1-bit mask (TTE's int8 graph clamps with a saved 1-bit mask)
-    names = list(modules)
-    start = min(names.index(n) for n in targets)
-    for name in names[start:]:
-        if isinstance(modules[name], MASKABLE) and "forward" not in modules[name].__dict__:
-            patch_forward(modules[name], masked_forward(modules[name]), undo)
+    mask_activations_from(model, targets, undo)
     return undo
 
 

@@ -29,13 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetrain.apply import Undo, classifier, patch_forward, set_requires_grad, under
-from edgetrain.compress.masks import masked_forward
+from edgetrain.compress.masks import mask_activations_from
 from edgetrain.errors import ConfigError
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.technique import Technique, check
 from edgetrain.techniques._frozen import patch_frozen
-
-MASKABLE = (nn.ReLU, nn.ReLU6)  # exact 1-bit masks (Hardswish's would be approximate: see MobileTL)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -198,11 +196,7 @@ def _apply(model: nn.Module, cfg: SparseUpdate, targets: list[str]) -> Undo:
         undo.add(restore)
     frozen = [n for n in modules if n and not under(n, head) and n not in partial]
     patch_frozen(model, frozen, undo)
-    # 1-bit masks for the exact ReLU-family activations that gradients pass through
-    start = min((list(modules).index(n) for n in reg), default=len(modules))
-    for name in list(modules)[start:]:
-        if isinstance(modules[name], MASKABLE) and not under(name, head):
-            patch_forward(modules[name], masked_forward(modules[name]), undo)
+    mask_activations_from(model, reg, undo, skip=head)  # 1-bit masks where gradients pass through
     return undo
 
 
