@@ -138,3 +138,20 @@ def test_analysis_scores_on_a_held_out_part_of_the_training_split():
     assert {tuple(r.tolist()) for r in hold.images.flatten(1)} <= rows  # taken from the training split only
     fit2, hold2 = holdout_split(data)
     assert torch.equal(hold.labels, hold2.labels)  # fixed
+
+
+def test_int8_plan_keeps_int8_inputs_and_the_meter_agrees():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    convs = conv_names(model)
+    c = _contribution(model, {convs[2]: {0.25: 0.02, 1.0: 0.05}, convs[1]: {1.0: 0.01}})
+    fp32 = plan(model, c, 10**9, (1, 8, 8), 16)
+    int8 = plan(model, c, 10**9, (1, 8, 8), 16, precision="int8")
+    assert int8.recipe.technique_names == ["sparse_update", "int8"]
+    assert set(int8.weights.values()) == {1.0}  # whole weights only
+    assert int8.predicted.saved_bytes < fp32.predicted.saved_bytes
+    m = et.measure(model, (torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))), recipe=int8.recipe, repeats=1)
+    measured = m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes
+    assert abs(measured - int8.predicted_bytes) <= 0.10 * measured
+    with pytest.raises(et.ConfigError, match="precision must be one of"):
+        plan(model, c, 10**9, (1, 8, 8), 16, precision="int4")

@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
                    help="batch size the budget must hold (default: the device's, else --batch-size)")
     p.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adamw"], default="sgd_momentum",
                    help="optimizer state counted in the budget (default sgd_momentum, as `edgetrain train`)")
+    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                   help="train the chosen weights in fp32 (default) or as int8 with QAS (whole weights only)")
     p.add_argument("--analysis-steps", type=int, default=100, help="steps of each analysis run (default 100)")
     p.add_argument("--analysis-lr", type=float, default=0.01, help="learning rate of the analysis runs")
     p.add_argument("--weight-last", type=int, default=12,
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                            threads=args.threads, progress=not args.no_progress)
     data = wl.load_data("train")
     model = wl.build_model(data.num_classes)
-    p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, args.optimizer)
+    p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, args.optimizer,
+             precision=args.precision)
     if args.output:
         p.recipe.save(args.output)
     if args.json:
