@@ -156,7 +156,7 @@ class _Recorder(TorchFunctionMode):
         self.alive: list[Any] = []  # keep traced tensors alive so that storage addresses are not reused
         self.seen: set[int] = set()
         self.outputs = 0
-        self.grad_inputs: dict[str, list[int]] = {}
+        self.grad_inputs: dict[str, list[int]] = {}  # module -> per-sample output elements of calls needing grad
         self.exclude: set[int] = set()  # parameter and buffer storages (not activations; the meter skips them too)
 
     def keep(self, mod: str, t: Tensor, op: str = "") -> None:
@@ -211,7 +211,6 @@ def _restored(model: nn.Module) -> Iterator[None]:
 def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
     stack = [""]
     shapes: dict[str, tuple] = {}
-    grad_inputs: dict[str, list[int]] = {}  # module -> per-sample output elements of each call whose input needed grad
     handles = []
     for name, m in model.named_modules():
         leaf = bool(name) and not list(m.children())
@@ -227,7 +226,7 @@ def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
             shapes[name] = (tuple(i.shape[1:]) if i is not None else None,
                             tuple(out.shape[1:]) if isinstance(out, Tensor) else None)
             if i is not None and i.requires_grad and torch.is_grad_enabled() and mod.training:
-                grad_inputs.setdefault(name, []).append(out.numel() // len(out) if isinstance(out, Tensor) else 0)
+                rec.grad_inputs.setdefault(name, []).append(out.numel() // len(out) if isinstance(out, Tensor) else 0)
             # a technique's custom Function that keeps the module's input (forward tagged ``saves_input``)
             if (i is not None and getattr(mod.__dict__.get("forward"), "saves_input", False) and torch.is_grad_enabled()
                     and (i.requires_grad or any(p.requires_grad for p in mod.parameters(recurse=False)))):
@@ -241,7 +240,6 @@ def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
         with _restored(model), rec:
             out = model(x)
             rec.outputs = out.numel() if isinstance(out, Tensor) else 0
-            rec.grad_inputs = grad_inputs
     finally:
         for h in handles:
             h.remove()

@@ -294,7 +294,7 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
 
 def format_plan(p: Plan, model: nn.Module) -> str:
     """Per-layer table (what is updated, precision, bytes) and the predicted total."""
-    from edgetrain.apply import classifier
+    from edgetrain.apply import classifier, under
     from edgetrain.techniques.sparse_update import bias_of, region
 
     t = p.predicted
@@ -302,7 +302,7 @@ def format_plan(p: Plan, model: nn.Module) -> str:
     opt = OPT_COPIES[t.optimizer]
     cfg = p.recipe.techniques[0]
     reg = region(model, cfg)
-    bias_rows = {bias_of(model, c)[0]: c for c in reg if bias_of(model, c)}
+    bias_rows = {b[0]: c for c in reg if (b := bias_of(model, c)) is not None}
     head = classifier(model)
     lines = [f"{'layer':30s} {'update':34s} {'precision':9s} {'trainable+grad+opt':>18s} {'saved':>11s}",
              "-" * 106]
@@ -311,7 +311,7 @@ def format_plan(p: Plan, model: nn.Module) -> str:
         saved = row.saved(b)
         if not state and not saved:
             continue
-        if name == head or name.startswith(head + "."):
+        if under(name, [head]):
             what = "classifier"
         elif name in cfg.weights:
             what = f"weight {cfg.weights[name]:g} of C_in"
