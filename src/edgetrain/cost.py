@@ -1,28 +1,29 @@
-"""Analytic training-memory cost model: a per-layer table of weight, gradient, optimizer-state, saved-activation
-and workspace bytes and MACs, from traced forward passes (no backward, no optimizer step).
+"""Training-memory cost model: a per-layer table of weight, gradient, optimizer-state, saved-activation and
+workspace bytes and MACs, predicted from two tiny traced forward passes (no backward, no optimizer step).
 
 How it works:
 
-1. The recipe is applied (so ``requires_grad`` flags and patched forwards are what training would see) and
-   the model runs forward at two tiny batch sizes under a :class:`~torch.overrides.TorchFunctionMode` that
-   records every torch function call: its inputs and outputs, whether grad mode is on, and the innermost
-   module running. Model state (buffers, RNG) is restored afterwards.
-2. A table of **rules** (``SAVES`` below) says what stock PyTorch 2.x autograd keeps for backward for each op,
-   given which inputs require grad: ``conv2d`` keeps its input when anything needs a gradient (one
-   ``convolution_backward`` formula needs both), ``linear`` keeps its input only for the weight gradient,
-   ``relu`` keeps its output, ``hardtanh``/``hardswish``/``gelu``/``silu`` their input (an in-place
-   activation keeps a clone), ``batch_norm`` its input plus two per-channel statistics, ``dropout`` its
-   mask in the input's dtype, average pooling its input (adaptive pooling only a shape), ``max_pool2d`` also
-   int64 indices. Storages are counted
-   once, like the meter does. Ops inside a custom autograd Function run with grad mode off and so keep
-   nothing by rule; each technique's registered ``estimate(table, cfg, targets)`` adds what its Functions keep.
-3. Saved bytes are linear in the batch size (per-sample part plus a fixed part, from the two traces), so
-   the table is exact in shape arithmetic for any batch size.
+1. The recipe is applied (so ``requires_grad`` flags and the techniques' op handlers are what training would see)
+   and the model runs forward at two tiny batch sizes (2 and 4 samples of the example input, repeated if it has
+   fewer), then the default loss, under the meter's saved-tensor hooks (:class:`edgetrain.measure.SavedTensorMeter`).
+   So what is counted is what autograd really keeps for backward, for any op and any module: functional calls,
+   every attention backend PyTorch picks for the inputs given (the math path with a mask or dropout keeps its
+   probabilities, the fused one its log-sum-exp rows), integer and dict inputs, the techniques' own autograd
+   Functions and codec payloads. Each storage counts once, attributed to the innermost module running, as the
+   meter does. Model state (buffers, RNG) is restored afterwards.
+2. Saved bytes are fitted as linear in the batch size (a per-sample part plus a fixed part), so the table holds
+   for any batch size; it is exact where every saved tensor scales with the batch (tests hold plain training and
+   every technique to the meter at tolerance 0 on the built-in models, docs/measurement.md lists where not).
+3. A TorchFunctionMode recorder sees every conv/linear call with its arguments: forward multiply-accumulates,
+   and backward ones (one product of the same size per gradient needed); techniques that change the backward
+   product count (gradient filtering) correct it through their registered ``estimate``.
 
 Gradient bytes are the trainable parameters; optimizer state is 0 (SGD without momentum), 1 (momentum) or
 2 (Adam/AdamW) copies of them. ``workspace_bytes`` is the largest single op's inputs plus output during the
-forward (a transient buffer, not kept), and ``peak_estimate`` adds it to the rest: a rough guide, which
-the tests do not hold to 10% (the saved, gradient and optimizer bytes they do).
+forward (a transient buffer, not kept), and ``peak_estimate`` adds it to the rest: a rough guide.
+
+Techniques whose saved bytes depend on the data (COMET's entropy of residuals) say so (``traceable=False``)
+and get no estimate: a trace on a stand-in input would not predict them.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from edgetrain.autograd_rules import needs_grad, op_macs, op_saves
+from edgetrain.autograd_rules import needs_grad, op_macs
 from edgetrain.errors import ConfigError
-from edgetrain.measure import storage_key
+from edgetrain.inputs import call_model, take, tensors
+from edgetrain.measure import SavedTensorMeter, default_loss
 
 OPT_COPIES = {"sgd": 0, "sgd_momentum": 1, "adamw": 2, "adam": 2}  # optimizer state copies of the trainable params
 
@@ -46,7 +47,8 @@ OPT_COPIES = {"sgd": 0, "sgd_momentum": 1, "adamw": 2, "adam": 2}  # optimizer s
 # ------------------------------------------------------------------------------------------------ table
 @dataclasses.dataclass
 class LayerCost:
-    """One module's row (leaf modules; ops outside any leaf go to their innermost parent, ``""`` is the root)."""
+    """One module's row: what the ops called inside it (and not inside a child) save; ``""`` is the root's own
+    forward, ``"(loss)"`` the loss."""
 
     name: str
     kind: str
@@ -59,15 +61,8 @@ class LayerCost:
     saved_per_sample: float = 0.0
     saved_fixed: float = 0.0
     workspace_per_sample: float = 0.0
-    technique: str | None = None  # set by a technique estimate that rewrote the row
-    items: list[tuple[int, tuple[int, ...] | None, bool]] = dataclasses.field(default_factory=list, repr=False)
-    masked: bool = False  # a technique already counted this activation's 1-bit mask (techniques share masks)
-
-    def add_mask(self, technique: str, elements: int) -> None:
-        """Count packed 1-bit masks of ``elements`` per sample once, whichever technique installs them."""
-        if not self.masked:
-            self.saved_per_sample += elements / 8
-            self.masked, self.technique = True, technique
+    technique: str | None = None  # set by a technique estimate that corrected the row
+    masked: bool = False  # everything it saves is uint8 (packed 1-bit masks, int8 activations)
 
     def saved(self, batch_size: int) -> int:
         return int(round(self.saved_per_sample * batch_size + self.saved_fixed))
@@ -143,54 +138,26 @@ class CostTable:
 
 
 # ------------------------------------------------------------------------------------------------ tracing
-class _Recorder(TorchFunctionMode):
-    def __init__(self, stack: list[str]) -> None:
-        super().__init__()
-        self.stack = stack
-        self.saved: dict[str, dict[int, int]] = {}  # module -> storage key -> bytes (first module that keeps it)
-        self.fresh: dict[str, int] = {}  # module -> bytes of new storages
-        self.items: dict[str, list[tuple[int, tuple[int, ...] | None, bool]]] = {}  # module -> (bytes, shape, float)
+class _Recorder:
+    """Forward MACs, backward MACs and the largest op (inputs + output) per innermost module."""
+
+    def __init__(self) -> None:
         self.macs: dict[str, int] = {}
         self.bmacs: dict[str, int] = {}
         self.work: dict[str, int] = {}
-        self.alive: list[Any] = []  # keep traced tensors alive so that storage addresses are not reused
-        self.seen: set[int] = set()
-        self.outputs = 0
-        self.grad_inputs: dict[str, list[int]] = {}  # module -> per-sample output elements of calls needing grad
-        self.exclude: set[int] = set()  # parameter and buffer storages (not activations; the meter skips them too)
 
-    def keep(self, mod: str, t: Tensor, op: str = "") -> None:
-        """Count the storage of ``t`` as saved by ``mod`` unless it is counted already or a parameter/buffer."""
-        if storage_key(t) in self.seen or storage_key(t) in self.exclude:
-            return
-        self.seen.add(storage_key(t))
-        self.saved.setdefault(mod, {})[storage_key(t)] = t.untyped_storage().nbytes()
-        shape = tuple(t.shape)
-        if op == "linear" and t.dim() > 2:  # F.linear keeps the 2-D view (rows, in_features)
-            shape = (t.numel() // t.shape[-1], t.shape[-1])
-        self.items.setdefault(mod, []).append((t.numel() * t.element_size(), shape, t.is_floating_point()))
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if name.startswith("__") or name in ("size", "dim", "numel", "detach", "view", "reshape", "flatten"):
+    def record(self, call) -> Any:  # noqa: ANN001
+        out = call.proceed()
+        if call.name.startswith("__") or call.name in ("size", "dim", "numel", "detach", "view", "reshape"):
             return out
-        mod = self.stack[-1]
-        self.alive.append((args, out))
-        for t, nbytes in op_saves(name, args, kwargs, out):
-            if t is not None:
-                self.keep(mod, t, name)
-            else:
-                self.fresh[mod] = self.fresh.get(mod, 0) + nbytes
-                self.items.setdefault(mod, []).append((nbytes, None, False))
-        macs = op_macs(name, args, kwargs, out)
-        self.macs[mod] = self.macs.get(mod, 0) + macs
-        if macs and torch.is_grad_enabled():  # backward: one product of the same size per gradient needed
-            w = args[1] if len(args) > 1 else None
-            self.bmacs[mod] = self.bmacs.get(mod, 0) + macs * (int(needs_grad(args[0])) + int(needs_grad(w)))
-        tensors = [a for a in args if isinstance(a, Tensor)] + ([out] if isinstance(out, Tensor) else [])
-        work = sum(t.numel() * t.element_size() for t in tensors)
+        mod, args = call.module, call.args
+        macs = op_macs(call.name, args, call.kwargs, out)
+        if macs:
+            self.macs[mod] = self.macs.get(mod, 0) + macs
+            if torch.is_grad_enabled():  # backward: one product of the same size per gradient needed
+                w = args[1] if len(args) > 1 else call.kwargs.get("weight")
+                self.bmacs[mod] = self.bmacs.get(mod, 0) + macs * (int(needs_grad(args[0])) + int(needs_grad(w)))
+        work = sum(t.numel() * t.element_size() for t in (*tensors(args), *tensors(out)))
         self.work[mod] = max(self.work.get(mod, 0), work)
         return out
 
@@ -208,140 +175,126 @@ def _restored(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(rng)
 
 
-def _trace(model: nn.Module, x: Tensor) -> tuple[_Recorder, dict[str, tuple]]:
-    stack = [""]
+def _trace(model: nn.Module, inputs: Any) -> tuple[SavedTensorMeter, _Recorder, dict[str, tuple]]:
+    from edgetrain.ops import Undo, intercept
+
     shapes: dict[str, tuple] = {}
     handles = []
     for name, m in model.named_modules():
-        leaf = bool(name) and not list(m.children())
-
-        def pre(mod, inp, name=name, leaf=leaf):  # noqa: ANN001
-            if leaf:
-                stack.append(name)
-
-        def post(mod, inp, out, name=name, leaf=leaf):  # noqa: ANN001
-            if leaf:
-                stack.pop()
-            i = inp[0] if inp and isinstance(inp[0], Tensor) else None
-            shapes[name] = (tuple(i.shape[1:]) if i is not None else None,
-                            tuple(out.shape[1:]) if isinstance(out, Tensor) else None)
-            if i is not None and i.requires_grad and torch.is_grad_enabled() and mod.training:
-                rec.grad_inputs.setdefault(name, []).append(out.numel() // len(out) if isinstance(out, Tensor) else 0)
-            # a technique's custom Function that keeps the module's input (forward tagged ``saves_input``)
-            if (i is not None and getattr(mod.__dict__.get("forward"), "saves_input", False) and torch.is_grad_enabled()
-                    and (i.requires_grad or any(p.requires_grad for p in mod.parameters(recurse=False)))):
-                rec.alive.append(i)
-                rec.keep(name, i)
-
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    rec = _Recorder(stack)
-    rec.exclude = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+        def post(mod, inp, out, name=name):  # noqa: ANN001
+            if name not in shapes:
+                i = inp[0] if inp and isinstance(inp[0], Tensor) else None
+                shapes[name] = (tuple(i.shape[1:]) if i is not None else None,
+                                tuple(out.shape[1:]) if isinstance(out, Tensor) else None)
+        handles.append(m.register_forward_hook(post))
+    rec, undo = _Recorder(), Undo()
+    intercept(model, None, rec.record, undo, count=False, first=True)
+    meter = SavedTensorMeter(model)
     try:
-        with _restored(model), rec:
-            out = model(x)
-            rec.outputs = out.numel() if isinstance(out, Tensor) else 0
+        with _restored(model), meter:
+            out = call_model(model, inputs)
+            meter._enter_module("(loss)")
+            default_loss(out, stand_in=True)
+            meter._exit_module()
     finally:
+        undo.remove()
         for h in handles:
             h.remove()
-    return rec, shapes
+    return meter, rec, shapes
 
 
-def _at_batch(x: tuple, y: tuple, a: int, b: int, batch: int) -> tuple[int, tuple[int, ...] | None, bool]:
-    """A saved tensor seen at batch ``a`` and ``b``, extrapolated to ``batch`` (its leading dim scales or not)."""
-    (na, sa, fl), (nb, sb, _) = x, y
-    per = (nb - na) / (b - a)
-    nbytes = int(round(na + per * (batch - a)))
-    shape = sa
-    if sa is not None and sb is not None and sa != sb and len(sa) and sa[1:] == sb[1:] and sa[0] * b == sb[0] * a:
-        shape = (sa[0] // a * batch, *sa[1:])  # the leading dim is the batch (or batch x tokens)
-    return nbytes, shape, fl
+def _rows(meter: SavedTensorMeter) -> tuple[dict[str, int], dict[str, bool]]:
+    uint8: dict[str, bool] = {}
+    for where, _, dtype, _ in meter.records:
+        uint8[where] = uint8.get(where, True) and dtype == "uint8"
+    return dict(meter.by_module), uint8
 
 
-def trace_table(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, optimizer: str = "sgd_momentum",
+def trace_table(model: nn.Module, example: Any, batch_size: int, optimizer: str = "sgd_momentum",
                 batches: tuple[int, int] = (2, 4)) -> CostTable:
-    """The stock-PyTorch rows of ``model`` as it stands (techniques already applied), without technique estimates."""
+    """The rows of ``model`` as it stands (techniques already applied), traced on ``example`` (model inputs)."""
     if optimizer not in OPT_COPIES:
         raise ConfigError(f"estimate: optimizer must be one of {sorted(OPT_COPIES)}, got {optimizer!r}")
     if batch_size < 1:
         raise ConfigError(f"estimate: batch_size must be >= 1, got {batch_size}")
-    # inputs are fp32 (float64 for a float64 model); fp16 parameters (e.g. bnn_edge latent weights) do not change it
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
     a, b = batches
-    rec_a, shapes = _trace(model, torch.zeros((a, *input_shape), dtype=dtype))
-    rec_b, _ = _trace(model, torch.zeros((b, *input_shape), dtype=dtype))
-    table = CostTable({}, batch_size, optimizer, tuple(input_shape))
+    meter_a, rec_a, shapes = _trace(model, take(example, a))
+    meter_b, _, _ = _trace(model, take(example, b))
+    first = tensors(example)[0]
+    table = CostTable({}, batch_size, optimizer, tuple(first.shape[1:]))
     table.shapes = shapes
-    modules = dict(model.named_modules())
-    for name, m in modules.items():
+    for name, m in model.named_modules():
         own = list(m.parameters(recurse=False))
-        if list(m.children()) and not own:
+        if not own:
             continue
         r = table.row(name)
         r.kind = type(m).__name__
         r.in_shape, r.out_shape = shapes.get(name, (None, None))
         r.weight_bytes = sum(p.numel() * p.element_size() for p in own)
         r.trainable_bytes = sum(p.numel() * p.element_size() for p in own if p.requires_grad)
-    for name in set(rec_a.saved) | set(rec_a.fresh) | set(rec_b.saved) | set(rec_b.fresh) | set(rec_a.macs):
+    saved_a, uint8 = _rows(meter_a)
+    saved_b, _ = _rows(meter_b)
+    for name in set(saved_a) | set(saved_b) | set(rec_a.macs) | set(rec_a.work):
         r = table.row(name)
-        sa = sum(rec_a.saved.get(name, {}).values()) + rec_a.fresh.get(name, 0)
-        sb = sum(rec_b.saved.get(name, {}).values()) + rec_b.fresh.get(name, 0)
+        if not r.kind:
+            r.kind = "CrossEntropyLoss" if name == "(loss)" else type(model.get_submodule(name)).__name__
+            r.in_shape, r.out_shape = shapes.get(name, (None, None))
+        sa, sb = saved_a.get(name, 0), saved_b.get(name, 0)
         r.saved_per_sample = (sb - sa) / (b - a)
         r.saved_fixed = sa - a * r.saved_per_sample
         r.macs = rec_a.macs.get(name, 0) // a
         r.backward_macs = rec_a.bmacs.get(name, 0) // a
         r.workspace_per_sample = rec_a.work.get(name, 0) / a
-        ia, ib = rec_a.items.get(name, []), rec_b.items.get(name, [])
-        if len(ia) == len(ib):  # what each saved tensor is at the table's batch size (for codec estimates)
-            r.items = [_at_batch(x, y, a, b, batch_size) for x, y in zip(ia, ib)]
-    # 1-bit masks (edgetrain.compress.masks) run inside custom Functions: count them where they are saved
-    for name, m in modules.items():
-        if getattr(m.__dict__.get("forward"), "saves_mask", False) and name in rec_a.grad_inputs:
-            table.row(name).add_mask("mask", sum(rec_a.grad_inputs[name]))  # one mask per call (reused modules)
-    # the loss: cross-entropy keeps its log-softmax (outputs x 4 bytes) and the int64 targets
-    loss = table.row("(loss)")
-    loss.kind = "CrossEntropyLoss"
-    loss.saved_per_sample = rec_a.outputs / a * 4 + 8
-    loss.saved_fixed = 4
+        r.masked = uint8.get(name, False)
     return table
 
 
 def estimate(model: nn.Module, recipe: Any = None, input_shape: tuple[int, ...] | None = None, batch_size: int = 32,
-             optimizer: str = "sgd_momentum") -> CostTable:
+             optimizer: str = "sgd_momentum", example: Any = None) -> CostTable:
     """Predict the memory of one training step of ``model`` under ``recipe`` (see the module docstring).
 
     Args:
         model: any ``nn.Module`` (left unchanged).
         recipe: a :class:`~edgetrain.Recipe`, a technique config or a list of them.
-        input_shape: one sample's shape, e.g. ``(3, 64, 64)``; default from the model's ``default_input_size``.
+        input_shape: one sample's shape, e.g. ``(3, 64, 64)`` (a zero input of it is traced); or give ``example``.
         batch_size: the training batch size.
         optimizer: ``sgd`` (no momentum), ``sgd_momentum``, ``adam`` or ``adamw``.
+        example: model inputs (a tensor, a tuple or a dict, e.g. token ids and an attention mask), any batch size;
+            overrides ``input_shape``.
     """
     from edgetrain.apply import apply_, resolve_targets
     from edgetrain.recipe import as_recipe
     from edgetrain.registry import get
 
-    if input_shape is None:
-        input_shape = getattr(model, "default_input_size", None)
+    if example is None:
         if input_shape is None:
-            raise ConfigError(f"estimate: give input_shape for {type(model).__name__} (one sample, e.g. (3, 64, 64))")
+            size = getattr(model, "default_input_size", None)
+            input_shape = (getattr(model, "in_channels", 3), size, size) if isinstance(size, int) else size
+        if input_shape is None:
+            raise ConfigError(f"estimate: give input_shape (one sample, e.g. (3, 64, 64)) or example= for "
+                              f"{type(model).__name__}")
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
+        example = torch.zeros((2, *input_shape), dtype=dtype)
     recipe = as_recipe(recipe) if recipe is not None else None
     if recipe is None or not recipe.techniques:
-        return trace_table(model, tuple(input_shape), batch_size, optimizer)
-    missing = [c.name for c in recipe.techniques if get(c.name).estimate is None]
-    if missing:
-        raise ConfigError(f"estimate: no cost model for {', '.join(missing)} yet (techniques with one: "
-                          f"{', '.join(n for n in _with_estimate())})")
-    with apply_(model, recipe):
-        table = trace_table(model, tuple(input_shape), batch_size, optimizer)
+        return trace_table(model, example, batch_size, optimizer)
+    untraceable = [c.name for c in recipe.techniques if not get(c.name).traceable]
+    if untraceable:
+        raise ConfigError(f"estimate: no cost model for {', '.join(untraceable)} (what it saves depends on the data; "
+                          f"techniques with one: {', '.join(_with_estimate())})")
+    with apply_(model, recipe, example) as handle:
+        table = trace_table(model, example, batch_size, optimizer)
         for cfg in recipe.techniques:
-            get(cfg.name).estimate(table, cfg, resolve_targets(model, cfg, recipe), model)
+            fix = get(cfg.name).estimate
+            if fix is not None:
+                fix(table, cfg, resolve_targets(model, cfg, recipe, handle.structure), model, handle.structure)
     return table
 
 
 def _with_estimate() -> list[str]:
     from edgetrain.registry import list_techniques
 
-    return [i.name for i in list_techniques() if i.estimate is not None]
+    return [i.name for i in list_techniques() if i.traceable]
 
 
 def format_table(table: CostTable, top: int | None = None) -> str:

@@ -23,12 +23,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import os
-import sys
 import dataclasses
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetrain.errors import ConfigError
+from edgetrain.inputs import call_model, logits, own_storage, split_batch, tensors
 
 _ACTIVE: contextvars.ContextVar[tuple[SavedTensorMeter, ...]] = contextvars.ContextVar("edgetrain_meters", default=())
 
@@ -199,17 +200,23 @@ class Measurement:
         return dataclasses.asdict(self)
 
 
-def _as_batch(batch: tuple[Tensor, Tensor] | Tensor) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor):
-        return batch, None
-    x, y = batch
-    return x, y
-
-
-def _default_loss(out: Tensor, y: Tensor | None) -> Tensor:
-    if y is None:
-        raise ConfigError("measure: a batch without targets needs a loss_fn(output, None)")
-    return F.cross_entropy(out, y)
+def default_loss(out: Any, target: Any = None, stand_in: bool = False) -> Tensor:
+    """The default training loss: the model's own ``loss`` when its output carries one (a ``transformers`` model
+    given labels), else cross-entropy of its logits (``out``, ``out.logits`` or its first tensor; token-level
+    logits are flattened) against ``target``. ``stand_in=True`` uses zero targets when there are none (the cost
+    model's trace, which only needs what the loss saves)."""
+    own = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if isinstance(own, Tensor):
+        return own
+    lg = logits(out)
+    if target is None:
+        if not stand_in:
+            raise ConfigError("measure: a batch without targets needs a loss_fn(output, None) (or a model output "
+                              "with its own .loss)")
+        target = torch.zeros(lg.shape[:-1], dtype=torch.long)
+    if lg.dim() > 2:
+        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(lg, target)
 
 
 @contextlib.contextmanager
@@ -232,16 +239,19 @@ def _restoring(model: nn.Module, optimizer: torch.optim.Optimizer, enabled: bool
         torch.set_rng_state(rng)
 
 
-def measure(model: nn.Module, batch: tuple[Tensor, Tensor] | Tensor,
-            loss_fn: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+def measure(model: nn.Module, batch: Any,
+            loss_fn: Callable[[Any, Any], Tensor] | None = None,
             optimizer: torch.optim.Optimizer | None = None, *, recipe: Any = None, warmup: int = 1,
             repeats: int = 5, restore: bool = True) -> Measurement:
     """Run real training steps of ``model`` on ``batch`` and measure them.
 
     Args:
         model: the model, in the mode it should train in (this function does not call ``train()``).
-        batch: ``(x, y)`` or ``x``.
-        loss_fn: ``loss_fn(output, y)``; default cross-entropy.
+        batch: ``(inputs, target)`` or ``inputs``; inputs are a tensor (``model(x)``), a tuple (``model(*x)``) or a
+            dict (``model(**x)``). Tensors that are views into a larger storage (a batch sliced from a dataset)
+            are copied first, so the counts see the batch, not the dataset.
+        loss_fn: ``loss_fn(output, target)``; default: the output's own ``loss``, else cross-entropy of its
+            logits.
         optimizer: default SGD (lr 0.01, momentum 0.9) over the parameters that require grad.
         recipe: applied with :func:`edgetrain.apply_` before measuring and removed afterwards.
         warmup: untimed steps first (they also create the optimizer state the step then holds).
@@ -251,7 +261,7 @@ def measure(model: nn.Module, batch: tuple[Tensor, Tensor] | Tensor,
     if recipe is not None:
         from edgetrain.apply import apply_
 
-        with apply_(model, recipe):
+        with apply_(model, recipe, split_batch(batch)[0]):
             return measure(model, batch, loss_fn, optimizer, warmup=warmup, repeats=repeats, restore=restore)
     if warmup < 0 or repeats < 1:
         raise ConfigError(f"measure: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
@@ -260,13 +270,13 @@ def measure(model: nn.Module, batch: tuple[Tensor, Tensor] | Tensor,
         raise ConfigError(f"measure: {type(model).__name__} has no parameter that requires grad: nothing to train")
     if optimizer is None:
         optimizer = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
-    loss_fn = loss_fn or _default_loss
-    x, y = _as_batch(batch)
+    loss_fn = loss_fn or default_loss
+    x, y = (own_storage(part) for part in split_batch(batch))
 
     def step(meter: SavedTensorMeter | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         with meter if meter is not None else contextlib.nullcontext():
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(call_model(model, x), y)
         if not torch.isfinite(loss):
             raise ConfigError(f"measure: the loss is {loss.item()} on this batch; nothing meaningful to measure")
         loss.backward()
@@ -280,7 +290,8 @@ def measure(model: nn.Module, batch: tuple[Tensor, Tensor] | Tensor,
             step()
         saved = SavedTensorMeter(model)
         step(saved)
-        live = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()), *state_tensors(), x, y]
+        live = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()), *state_tensors(),
+                *tensors(x), *tensors(y)]
         peak = PeakMeter(live)
         with peak:
             step()

@@ -33,11 +33,16 @@ class Recipe:
         techniques: configs, applied in order. An empty recipe is plain training.
         name: short name used in benchmark rows and file names.
         targets: default glob targets for configs whose own ``targets`` is ``None``.
+        blocks: globs naming the model's blocks (outermost matches), overriding the derived ones
+            (:mod:`edgetrain.structure`; ``edgetrain inspect`` shows them).
+        classifier: the classifier module, overriding the derived one.
     """
 
     techniques: tuple[Technique, ...] = ()
     name: str = "plain"
     targets: tuple[str, ...] | None = None
+    blocks: tuple[str, ...] | None = None
+    classifier: str | None = None
 
     def __post_init__(self) -> None:
         techs = self.techniques
@@ -52,26 +57,32 @@ class Recipe:
             raise ConfigError(f"Recipe.name: expected a non-empty string, got {self.name!r}")
         object.__setattr__(self, "techniques", techs)
         object.__setattr__(self, "targets", _as_patterns(self.targets, "Recipe.targets"))
+        object.__setattr__(self, "blocks", _as_patterns(self.blocks, "Recipe.blocks"))
+        if self.classifier is not None and (not isinstance(self.classifier, str) or not self.classifier):
+            raise ConfigError(f"Recipe.classifier: expected a module name, got {self.classifier!r}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "targets": list(self.targets) if self.targets is not None else None,
-            "techniques": [t.to_dict() for t in self.techniques],
-        }
+        d: dict[str, Any] = {"name": self.name, "targets": list(self.targets) if self.targets is not None else None}
+        if self.blocks is not None:
+            d["blocks"] = list(self.blocks)
+        if self.classifier is not None:
+            d["classifier"] = self.classifier
+        d["techniques"] = [t.to_dict() for t in self.techniques]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> Recipe:
         if not isinstance(d, dict):
             raise ConfigError(f"recipe must be a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"name", "targets", "techniques"})
+        unknown = sorted(set(d) - {"name", "targets", "blocks", "classifier", "techniques"})
         if unknown:
-            raise ConfigError(f"recipe: unknown key(s) {unknown}; known: name, targets, techniques")
+            raise ConfigError(f"recipe: unknown key(s) {unknown}; known: name, targets, blocks, classifier, techniques")
         techs = d.get("techniques") or []
         if not isinstance(techs, list):
             raise ConfigError("recipe: 'techniques' must be a list")
-        return cls(tuple(config_from_dict(t) for t in techs), name=d.get("name") or "plain", targets=d.get("targets"))
+        return cls(tuple(config_from_dict(t) for t in techs), name=d.get("name") or "plain", targets=d.get("targets"),
+                   blocks=d.get("blocks"), classifier=d.get("classifier"))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

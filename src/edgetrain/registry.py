@@ -26,38 +26,49 @@ class TechniqueInfo:
 
     Args:
         config: the frozen dataclass config type (its ``name`` is the registry key).
-        apply: ``apply(model, cfg, targets) -> Removable``; ``targets`` are the resolved qualified module
-            names (already filtered to ``layer_types``). Changes the model in place.
+        apply: ``apply(model, cfg, targets, structure) -> Undo``; ``targets`` are the resolved qualified module
+            names (already filtered to ``layer_kinds``), ``structure`` what :mod:`edgetrain.structure` derived from
+            the model's ops. Changes the model in place, acting on the ops it calls (:mod:`edgetrain.ops`).
         summary: one line for ``edgetrain ls``.
         paper: citation (title, venue, arXiv id).
         reduces: subset of :data:`REDUCIBLE`.
-        layer_types: module types the technique acts on (targets of other types are skipped; a target set
-            with none of them is an error).
-        default_targets: ``fn(model) -> list[str]`` used when neither the config nor the recipe gives
-            targets.
+        layer_kinds: op kinds (``conv2d``, ``linear``, ``batch_norm``, ...) of the layers the technique acts on:
+            glob targets are filtered to modules whose weight feeds such an op (a target set with none is an
+            error); ``None``: any module (a scope, e.g. for compressing what it saves).
+        default_targets: ``fn(model, structure) -> list[str]`` used when neither the config nor the recipe gives
+            targets (default: every layer of ``layer_kinds``, or every module).
+        looks_for: what it acts on, for the one-line error when it finds nothing in a model.
+        forward_bound: ``fn(cfg) -> float``: the relative L2 change of the eval-mode output the technique may
+            cause by design (0: lossless, checked to float rounding by :func:`edgetrain.apply_`).
         conflicts: names of techniques that cannot be combined with this one on the same module.
         step_hook: the handle has a per-step ``step(step)`` hook the training loop must call.
         loss_term: the handle adds a loss term (``handle.loss``).
         exact: gradients of the parameters it leaves trainable equal plain PyTorch's exactly (up to float
             rounding); lossy techniques set ``grad_tolerance`` instead.
         grad_tolerance: stated relative error bound for lossy techniques (conformance tests use it).
-        estimate: analytic ``estimate(profile, cfg) -> profile`` (cost model); ``None`` until written.
+        estimate: ``estimate(table, cfg, targets, model, structure)``: corrects the traced cost table where the
+            trace cannot see the technique's effect (e.g. backward multiply-adds of a changed backward); ``None``
+            when the trace sees everything (:mod:`edgetrain.cost`).
+        traceable: what it saves is predicted by tracing a stand-in input (``False`` when it depends on the data).
         examples: configs the conformance suite applies to a tiny model.
     """
 
     config: type[Technique]
-    apply: Callable[[nn.Module, Any, list[str]], Any]
+    apply: Callable[[nn.Module, Any, list[str], Any], Any]
     summary: str
     paper: str
     reduces: frozenset[str]
-    layer_types: tuple[type[nn.Module], ...] = (nn.Module,)
-    default_targets: Callable[[nn.Module], list[str]] | None = None
+    layer_kinds: frozenset[str] | None = None
+    default_targets: Callable[[nn.Module, Any], list[str]] | None = None
+    looks_for: str = "layers it supports"
+    forward_bound: Callable[[Any], float] = lambda cfg: 0.0
     conflicts: frozenset[str] = frozenset()
     step_hook: bool = False
     loss_term: bool = False
     exact: bool = True
     grad_tolerance: float = 0.0
     estimate: Callable[..., Any] | None = None
+    traceable: bool = True
     examples: tuple[Technique, ...] = ()
 
     @property

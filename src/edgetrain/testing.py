@@ -30,6 +30,7 @@ class TinyConvNet(nn.Module):
         self.classifier = nn.Linear(2 * width, num_classes)
         self.block_names = ["features.0", "features.1", "features.2"]
         self.classifier_name = "classifier"
+        self.default_input_size, self.in_channels = 8, in_channels
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))  # (N, num_classes)

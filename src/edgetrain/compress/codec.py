@@ -4,9 +4,11 @@ A :class:`Codec` turns a tensor into a :class:`Payload` (``encode``) and back (`
 ``tensors`` are what stays alive until backward, so ``Payload.nbytes`` is the real memory cost (packed
 ``uint8`` data plus per-group statistics), not a modelled one.
 
-:class:`SavedCompressor` applies codecs through :func:`torch.autograd.graph.saved_tensors_hooks`:
-``hooks(codec)`` is entered around a layer's forward (see :func:`hooked_forward`), so every eligible tensor
-that layer saves is encoded at pack time and decoded at unpack time. Eligible: floating point, at least
+:class:`SavedCompressor` applies codecs through :func:`torch.autograd.graph.saved_tensors_hooks`, entered
+around the forward of scope modules (:func:`compress_scopes`; the whole model by default), so every eligible
+tensor any op in scope saves is encoded at pack time and decoded at unpack time: functional ops, third-party
+activation classes and the ops of subclasses alike. An op handler (:mod:`edgetrain.ops`) can switch the codec for
+the tensors one op saves (:meth:`SavedCompressor.using`), e.g. more bits for normalisation inputs. Eligible: floating point, at least
 ``min_bytes`` large, and not the storage of a parameter or buffer. Each unique storage view is encoded
 once (a tensor saved by two layers shares one payload). Because innermost saved-tensor hooks win in
 PyTorch, the meter's own hooks do not see these tensors, so the pack hook reports what it keeps alive with
@@ -96,9 +98,13 @@ class SavedCompressor:
         min_bytes: smaller tensors pass through unencoded (statistics, indices, masks, scalars).
     """
 
-    def __init__(self, resident: Callable[[], Iterable[Tensor]] = tuple, min_bytes: int = 4096) -> None:
+    def __init__(self, resident: Callable[[], Iterable[Tensor]] = tuple, min_bytes: int = 4096,
+                 codec: Codec | None = None, owner: Any = None) -> None:
         self._resident_fn = resident
         self.min_bytes = min_bytes
+        self.codec = codec  # the default codec of :meth:`hooks` without an argument
+        self.override: Codec | None = None  # set by :meth:`using` while one op runs
+        self.owner = owner  # its ``hits`` count the tensors encoded (``apply_``'s did-something check)
         self._resident: set[int] = set()
         self._cache: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self.encoded_bytes = 0  # running totals since construction (diagnostics, not the meter)
@@ -129,8 +135,9 @@ class SavedCompressor:
             self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None and v[1]() is not None}
         self._cache[key] = (weakref.ref(t), weakref.ref(payload))
 
-    def pack(self, t: Tensor, codec: Codec) -> Tensor | Payload:
-        if not self.eligible(t):
+    def pack(self, t: Tensor, codec: Codec | None = None) -> Tensor | Payload:
+        codec = self.override or codec or self.codec
+        if codec is None or not self.eligible(t):
             account_saved(t)
             return t
         key = _view_key(t)
@@ -141,6 +148,8 @@ class SavedCompressor:
             self._remember(t, key, payload)
             self.encoded_bytes += t.numel() * t.element_size()
             self.payload_bytes += payload.nbytes
+            if self.owner is not None:
+                self.owner.hits += 1
         account_saved(*payload.tensors)
         return payload
 
@@ -151,24 +160,52 @@ class SavedCompressor:
                 return obj.decode()
         return obj
 
-    def hooks(self, codec: Codec) -> torch.autograd.graph.saved_tensors_hooks:
-        """A context manager: tensors saved inside it are encoded with ``codec``."""
+    def hooks(self, codec: Codec | None = None) -> torch.autograd.graph.saved_tensors_hooks:
+        """A context manager: tensors saved inside it are encoded with ``codec`` (default ``self.codec``)."""
         return torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, codec), self.unpack)
 
+    def using(self, codec: Codec | Callable[[], Codec]) -> Callable[[Any], Any]:
+        """An op handler that runs the op with ``codec`` (or ``codec()``) for what it saves."""
 
-def hooked_forward(module: nn.Module, compressor: SavedCompressor, codec: Callable[[], Codec]) -> Callable[..., Any]:
-    """A forward for ``module`` that runs its class forward inside ``compressor.hooks(codec())``.
+        def handle(call: Any) -> Any:
+            prev = self.override
+            self.override = codec if isinstance(codec, Codec) else codec()
+            try:
+                return call.proceed()
+            finally:
+                self.override = prev
 
-    ``codec`` is a zero-argument callable so per-layer codecs (e.g. an adaptive error bound) are read at
-    call time. Without grad mode the plain forward runs (nothing is saved anyway).
-    """
-    plain = type(module).forward.__get__(module)
+        return handle
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return plain(*args, **kwargs)
-        with compressor.hooks(codec()):
-            return plain(*args, **kwargs)
 
-    forward.compressor = compressor  # the cost model asks which modules run under a codec
-    return forward
+def outermost(names: Iterable[str]) -> list[str]:
+    """The names not inside another one of ``names`` (``""``, the root, contains everything)."""
+    names = list(dict.fromkeys(names))
+    if "" in names:
+        return [""]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def compress_scopes(model: nn.Module, compressor: SavedCompressor, scopes: Iterable[str], undo: Any) -> list[str]:
+    """Enter ``compressor.hooks()`` around every forward of the (outermost) ``scopes`` modules while grad is
+    enabled; returns the scopes used. ``undo.remove()`` takes the hooks away."""
+    modules = dict(model.named_modules())
+    used = outermost(scopes)
+    for name in used:
+        active: list[Any] = []
+
+        def pre(*_: Any, active=active) -> None:
+            ctx = compressor.hooks() if torch.is_grad_enabled() else None
+            if ctx is not None:
+                ctx.__enter__()
+            active.append(ctx)
+
+        def post(*_: Any, active=active) -> None:
+            ctx = active.pop()
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+
+        for h in (modules[name].register_forward_pre_hook(pre),
+                  modules[name].register_forward_hook(post, always_call=True)):
+            undo.add(h.remove)
+    return used

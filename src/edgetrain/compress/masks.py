@@ -4,12 +4,18 @@ Stock ``F.relu`` / ``F.relu6`` / ``F.hardswish`` save a full-precision tensor fo
 §1.1). Their derivative is, or is approximated by, a 0/1 mask:
 
 * ReLU: ``1[x > 0]`` (exact; PyTorch's ``threshold_backward`` uses the same strict inequality).
-* ReLU6, ``mode="exact"``: ``1[0 < x < 6]`` (exact, as ``hardtanh_backward``); ``mode="step"``:
-  ``1[x > threshold]`` (ignores the upper clip; MobileTL's "signed function", §3.2).
-* Hardswish: ``1[x > threshold]`` replaces ``h'(x)`` (MobileTL §3.2; approximate by design).
+* ReLU6 / hardtanh(lo, hi), ``mode="exact"``: ``1[lo < x < hi]`` (exact, as ``hardtanh_backward``);
+  ``mode="step"``: ``1[x > threshold]`` (ignores the upper clip; MobileTL's "signed function", §3.2).
+* LeakyReLU(slope): ``1[x > 0]`` selects 1 or ``slope`` (exact, as ``leaky_relu_backward``).
+* Hardsigmoid: ``1[-3 < x < 3] / 6`` (exact, as ``hardsigmoid_backward``; MobileNetV3's squeeze-excite gate).
+* Hardswish: ``1[x > threshold]`` replaces ``h'(x)`` (MobileTL §3.2; approximate by design, only on request).
 
-The forward is always the true activation. The packed mask is saved with ``ctx.save_for_backward`` so
-the meter (and any enclosing saved-tensor hooks) see its real size, ``ceil(numel / 8)`` bytes.
+The forward is always the true activation (in place when the model asks for in place: the Function marks its
+input dirty, as PyTorch's own in-place ops do). The packed mask is saved with ``ctx.save_for_backward`` so the
+meter (and any enclosing saved-tensor hooks) see its real size, ``ceil(numel / 8)`` bytes.
+
+They act on the ops (:mod:`edgetrain.ops`): :func:`mask_ops` handles every ``relu``/``relu6``/``hardtanh``/
+``leaky_relu`` call (functional, method or module alike) whose input needs a gradient; nothing else changes.
 """
 
 from __future__ import annotations
@@ -22,37 +28,53 @@ from torch import Tensor, nn
 
 from edgetrain.compress.bitpack import pack_mask, unpack_mask
 from edgetrain.errors import ConfigError
+from edgetrain.ops import Call, Undo, intercept
 
-#: Activation module types that can be replaced by a masked forward, and whether the mask is exact.
-MASKABLE: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
+KINDS = ("relu", "relu6", "hardtanh", "leaky_relu", "hardsigmoid", "hardswish")
+EXACT_OPS = ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "hardsigmoid",
+             "hardsigmoid_")
+STEP_OPS = ("hardswish", "hardswish_")  # approximate: 1[x > threshold] (MobileTL)
 RELU6_MODES = ("exact", "step")
+#: kept for callers that list maskable module types (the masks act on ops, whatever module calls them)
+MASKABLE: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
 
 
-def _mask(x: Tensor, kind: str, threshold: float, relu6_mode: str) -> Tensor:
-    if kind == "relu":
+def _mask(x: Tensor, kind: str, lo: float, hi: float, threshold: float, mode: str) -> Tensor:
+    if kind in ("relu", "leaky_relu"):
         return x > 0
-    if kind == "relu6" and relu6_mode == "exact":
-        return (x > 0) & (x < 6)
+    if kind in ("relu6", "hardtanh") and mode == "exact":
+        return (x > lo) & (x < hi)
+    if kind == "hardsigmoid":
+        return (x > -3) & (x < 3)
     return x > threshold  # relu6 "step", hardswish (MobileTL's step derivative)
 
 
-def _act(x: Tensor, kind: str) -> Tensor:
+def _act(x: Tensor, kind: str, lo: float, hi: float, slope: float, inplace: bool) -> Tensor:
     if kind == "relu":
-        return F.relu(x)
-    if kind == "relu6":
-        return F.relu6(x)
-    return F.hardswish(x)
+        return x.relu_() if inplace else F.relu(x)
+    if kind in ("relu6", "hardtanh"):
+        return F.hardtanh(x, lo, hi, inplace)
+    if kind == "leaky_relu":
+        return F.leaky_relu(x, slope, inplace)
+    if kind == "hardsigmoid":
+        return F.hardsigmoid(x, inplace)
+    return F.hardswish(x, inplace)
 
 
 class MaskedActivation(torch.autograd.Function):
-    """``y = act(x)``; backward ``dx = dy * mask`` with the mask stored as packed bits."""
+    """``y = act(x)``; backward ``dx = dy * mask`` (``slope`` where the mask is 0 for leaky ReLU), with the mask
+    stored as packed bits."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, kind: str, threshold: float, relu6_mode: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, kind: str, lo: float, hi: float, slope: float, threshold: float,  # type: ignore[override]
+                mode: str, inplace: bool) -> Tensor:
         with torch.no_grad():
-            y = _act(x, kind)  # same shape as x
-            packed = pack_mask(_mask(x, kind, threshold, relu6_mode))  # (ceil(numel / 8),) uint8
-        ctx.shape = x.shape
+            packed = pack_mask(_mask(x, kind, lo, hi, threshold, mode))  # (ceil(numel / 8),) uint8
+            y = _act(x, kind, lo, hi, slope, inplace)  # same shape as x
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.shape, ctx.slope = x.shape, slope if kind == "leaky_relu" else 0.0
+        ctx.gain = 1 / 6 if kind == "hardsigmoid" else 1.0
         ctx.save_for_backward(packed)
         return y
 
@@ -60,34 +82,78 @@ class MaskedActivation(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (packed,) = ctx.saved_tensors
         mask = unpack_mask(packed, ctx.shape)  # same shape as grad, bool
-        return grad * mask, None, None, None
+        if ctx.slope:
+            return torch.where(mask, grad, grad * ctx.slope), None, None, None, None, None, None, None
+        gx = grad * mask if ctx.gain == 1.0 else grad * mask * ctx.gain
+        return gx, None, None, None, None, None, None, None
 
 
-def masked_activation(x: Tensor, kind: str, threshold: float = 0.0, relu6_mode: str = "exact") -> Tensor:
-    """Functional form of :class:`MaskedActivation` (``kind`` in ``relu``, ``relu6``, ``hardswish``)."""
-    if kind not in MASKABLE.values():
-        raise ConfigError(f"masked_activation: kind must be one of {sorted(MASKABLE.values())}, got {kind!r}")
+def masked_activation(x: Tensor, kind: str, threshold: float = 0.0, relu6_mode: str = "exact", lo: float = 0.0,
+                      hi: float = 6.0, slope: float = 0.01, inplace: bool = False) -> Tensor:
+    """Functional form of :class:`MaskedActivation` (``kind`` in ``relu``, ``relu6``, ``hardtanh``,
+    ``leaky_relu``, ``hardswish``)."""
+    if kind not in KINDS:
+        raise ConfigError(f"masked_activation: kind must be one of {list(KINDS)}, got {kind!r}")
     if relu6_mode not in RELU6_MODES:
         raise ConfigError(f"masked_activation: relu6_mode must be one of {RELU6_MODES}, got {relu6_mode!r}")
     if not x.is_floating_point():
         raise ConfigError(f"masked_activation: needs a floating-point input, got {x.dtype}")
-    return MaskedActivation.apply(x, kind, threshold, relu6_mode)
+    if kind == "relu6":
+        lo, hi = 0.0, 6.0
+    return MaskedActivation.apply(x, kind, lo, hi, slope, threshold, relu6_mode, inplace)
 
 
-def masked_forward(module: nn.Module, threshold: float = 0.0, relu6_mode: str = "exact") -> Callable[[Tensor], Tensor]:
-    """A forward for a ReLU / ReLU6 / Hardswish module that saves a 1-bit mask (``inplace`` is ignored)."""
-    kind = MASKABLE.get(type(module))
-    if kind is None:
-        raise ConfigError(f"{type(module).__name__}: no 1-bit-mask backward; supported: "
-                          f"{', '.join(t.__name__ for t in MASKABLE)}")
+def _parse(call: Call) -> tuple[str, float, float, float, bool] | None:
+    """(kind, lo, hi, slope, inplace) of an activation call, or ``None`` when it is not one we mask."""
+    name = call.name
+    inplace = name.endswith("_")
+    base = name.rstrip("_")
+    if base == "relu":
+        return "relu", 0.0, 0.0, 0.0, inplace or bool(call.arg(1, "inplace", False))
+    if base == "relu6":
+        return "relu6", 0.0, 6.0, 0.0, inplace or bool(call.arg(1, "inplace", False))
+    if base == "hardtanh":
+        lo, hi = float(call.arg(1, "min_val", -1.0)), float(call.arg(2, "max_val", 1.0))
+        return ("relu6" if (lo, hi) == (0.0, 6.0) else "hardtanh"), lo, hi, 0.0, \
+            inplace or bool(call.arg(3, "inplace", False))
+    if base == "leaky_relu":
+        return "leaky_relu", 0.0, 0.0, float(call.arg(1, "negative_slope", 0.01)), \
+            inplace or bool(call.arg(2, "inplace", False))
+    if base in ("hardswish", "hardsigmoid"):
+        return base, 0.0, 0.0, 0.0, inplace or bool(call.arg(1, "inplace", False))
+    return None
 
-    def forward(x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return _act(x, kind)
-        return masked_activation(x, kind, threshold, relu6_mode)
 
-    forward.saves_mask = True  # the cost model counts 1 bit per output element when the input requires grad
-    return forward
+def mask_handler(scope: Callable[[str], bool] | None = None, threshold: float = 0.0, relu6_mode: str = "exact",
+                 step_hardswish: bool = False) -> Callable[[Call], object]:
+    """A handler masking the activation calls (inside modules ``scope`` accepts) whose input needs a gradient.
+
+    ReLU, ReLU6/hardtanh (``relu6_mode="exact"``) and LeakyReLU are exact; ``relu6_mode="step"`` and
+    ``step_hardswish`` use MobileTL's step derivative ``1[x > threshold]``.
+    """
+
+    def handle(call: Call):  # noqa: ANN202
+        x = call.args[0] if call.args else None
+        if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and x.is_floating_point()):
+            return NotImplemented
+        if scope is not None and not scope(call.module):
+            return NotImplemented
+        parsed = _parse(call)
+        if parsed is None or (parsed[0] == "hardswish" and not step_hardswish):
+            return NotImplemented
+        kind, lo, hi, slope, inplace = parsed
+        mode = relu6_mode if kind in ("relu6", "hardtanh") else "exact"
+        if inplace and x.is_leaf:
+            return NotImplemented  # PyTorch refuses in-place on a leaf that requires grad: let it say so
+        return MaskedActivation.apply(x, kind, lo, hi, slope, threshold, mode, inplace)
+
+    return handle
+
+
+def mask_ops(model: nn.Module, undo: Undo, scope: Callable[[str], bool] | None = None, **kw) -> None:
+    """1-bit masks for the exact family (and, with ``step_hardswish=True``, Hardswish) inside ``model``."""
+    ops = EXACT_OPS + (STEP_OPS if kw.get("step_hardswish") else ())
+    intercept(model, ops, mask_handler(scope, **kw), undo)
 
 
 class MaskedDropout(torch.autograd.Function):
@@ -113,41 +179,29 @@ class MaskedDropout(torch.autograd.Function):
         return grad * unpack_mask(packed, ctx.shape) * ctx.scale, None
 
 
-def dropout_forward(module: nn.Dropout) -> Callable[[Tensor], Tensor]:
-    """A forward for ``nn.Dropout`` that saves a 1-bit mask (identical output under the same RNG state)."""
-
-    def forward(x: Tensor) -> Tensor:
-        if not module.training or module.p == 0 or not torch.is_grad_enabled() or not x.requires_grad:
-            return nn.functional.dropout(x, module.p, module.training)
-        if module.p >= 1:
-            return x * 0
-        return MaskedDropout.apply(x, module.p)
-
-    forward.saves_mask = module.p > 0  # the cost model counts 1 bit per element when training
-    return forward
+def masked_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout(x, p, training)`` that saves a 1-bit mask (identical output under the same RNG state)."""
+    if not training or p == 0 or not torch.is_grad_enabled() or not x.requires_grad:
+        return F.dropout(x, p, training)
+    if p >= 1:
+        return x * 0
+    return MaskedDropout.apply(x, p)
 
 
-def mask_is_exact(module: nn.Module, relu6_mode: str = "exact") -> bool:
-    """Whether :func:`masked_forward` reproduces the module's true gradient."""
-    kind = MASKABLE.get(type(module))
-    return kind == "relu" or (kind == "relu6" and relu6_mode == "exact")
+def dropout_handler(scope: Callable[[str], bool] | None = None) -> Callable[[Call], object]:
+    """A handler for ``dropout`` calls (``nn.Dropout`` or functional) that saves 1-bit masks."""
+
+    def handle(call: Call):  # noqa: ANN202
+        x, p, training = call.args[0], float(call.arg(1, "p", 0.5)), bool(call.arg(2, "training", True))
+        if call.arg(3, "inplace", False) or not (training and p > 0 and torch.is_grad_enabled()
+                                                  and isinstance(x, Tensor) and x.requires_grad):
+            return NotImplemented
+        if scope is not None and not scope(call.module):
+            return NotImplemented
+        return masked_dropout(x, p, training)
+
+    return handle
 
 
-EXACT_MASKABLE = (nn.ReLU, nn.ReLU6)  # activations whose 1-bit mask gives the exact gradient
-
-
-def mask_activations_from(model: nn.Module, first: list[str], undo, skip: list[str] = ()) -> list[str]:  # noqa: ANN001
-    """Give every ReLU/ReLU6 from the earliest module of ``first`` on (module order) a 1-bit-mask forward, except
-    those under ``skip`` or already changed by another technique; returns the patched names."""
-    from edgetrain.apply import patch_forward, under
-
-    modules = dict(model.named_modules())
-    names = list(modules)
-    start = min((names.index(n) for n in first), default=len(names))
-    patched = []
-    for name in names[start:]:
-        m = modules[name]
-        if isinstance(m, EXACT_MASKABLE) and "forward" not in m.__dict__ and not under(name, skip):
-            patch_forward(m, masked_forward(m), undo)
-            patched.append(name)
-    return patched
+def mask_dropout(model: nn.Module, undo: Undo, scope: Callable[[str], bool] | None = None) -> None:
+    intercept(model, ("dropout",), dropout_handler(scope), undo)

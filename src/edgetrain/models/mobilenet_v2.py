@@ -89,6 +89,7 @@ class MobileNetV2(nn.Module):
         self.block_names = [f"features.{i}" for i in range(len(features))]
         self.classifier_name = "classifier.1"
         self.default_input_size = 224
+        self.in_channels = in_channels  # with default_input_size: the example input edgetrain probes
         self._init_weights()
 
     def _init_weights(self) -> None:

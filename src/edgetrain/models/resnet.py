@@ -56,6 +56,7 @@ class ResNet18(nn.Module):
         self.block_names = ["conv1", *[f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]]
         self.classifier_name = "fc"
         self.default_input_size = 32 if small_input else 224
+        self.in_channels = in_channels  # with default_input_size: the example input edgetrain probes
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -28,6 +28,7 @@ class SmallCNN(nn.Module):
         self.block_names = ["features.0", "features.1", "features.2"]
         self.classifier_name = "classifier"
         self.default_input_size = 28
+        self.in_channels = in_channels  # with default_input_size: the example input edgetrain probes
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)  # (N, c3, H/4, W/4)

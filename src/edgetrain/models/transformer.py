@@ -73,6 +73,7 @@ class TinyTransformer(nn.Module):
         self.block_names = [f"blocks.{i}" for i in range(depth)]
         self.classifier_name = "head"
         self.default_input_size = image_size
+        self.in_channels = in_channels  # with default_input_size: the example input edgetrain probes
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # (N, T, dim)

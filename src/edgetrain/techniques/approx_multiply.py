@@ -17,17 +17,20 @@ simulated hardware multiplier reduces (area/energy per multiply) -- **not** CPU 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
-from edgetrain.apply import Undo, patch_forward
-from edgetrain.approx.layers import approx_linear, conv_forward
+from edgetrain.approx.layers import approx_conv2d, approx_linear
 from edgetrain.approx.lut import MAX_LUT_BITS, get_lut
 from edgetrain.approx.multipliers import MULTIPLIERS
 from edgetrain.errors import ConfigError
+from edgetrain.ops import Call, Undo, intercept
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
+from edgetrain.techniques._frozen import conv_args, explicit_padding
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,7 +42,8 @@ class ApproxMultiply(Technique):
             ``"trunc_exact"`` (exact product, inputs and output truncated: bfloat16-like at M = 7).
         mantissa_bits: M, the mantissa width of the (1, 8, M) format, 1..11 (7 = bfloat16 layout). The LUT has
             4^M entries (128 KiB at M = 7, 32 MiB at M = 11).
-        targets: globs over module names; default every ``nn.Linear`` and ``nn.Conv2d``.
+        targets: globs over module names; default every layer whose weight feeds a ``linear`` or ``conv2d`` call
+            (any module class: the layer's own call is intercepted).
     """
 
     name = "approx_multiply"
@@ -56,55 +60,46 @@ class ApproxMultiply(Technique):
               f"must be an int in 1..{MAX_LUT_BITS} (LUT of 4^M entries), got {self.mantissa_bits!r}")
 
 
-def _check_module(name: str, module: nn.Module) -> None:
-    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        raise ConfigError(f"ApproxMultiply: {name!r} is an attention output projection whose forward is never called "
-                          "(nn.MultiheadAttention uses its weights directly); it cannot be simulated")
-    if type(module) not in (nn.Linear, nn.Conv2d):
-        raise ConfigError(f"ApproxMultiply: {name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d")
-    if module.weight.dtype != torch.float32:
-        raise ConfigError(f"ApproxMultiply: {name!r} has {module.weight.dtype} weights; the simulation needs float32 "
+def _check_layer(name: str, module: nn.Module) -> None:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter):
+        raise ConfigError(f"ApproxMultiply: {name!r} has no weight parameter")
+    if w.dtype != torch.float32:
+        raise ConfigError(f"ApproxMultiply: {name!r} has {w.dtype} weights; the simulation needs float32 "
                           "(an fp32 container of the (1, 8, M) format)")
 
 
-def _apply(model: nn.Module, cfg: ApproxMultiply, targets: list[str]) -> Undo:
+def approx_handler(weights: set[int], lut) -> Any:  # noqa: ANN001
+    """Handler: ``linear``/``conv2d`` calls whose weight is a targeted layer's run through AMSim."""
+
+    def handle(call: Call) -> Any:
+        w = call.arg(1, "weight")
+        if id(w) not in weights:
+            return NotImplemented
+        if call.name == "linear":
+            return approx_linear(call.args[0], w, call.arg(2, "bias"), lut)
+        x, w, b, stride, padding, dilation, groups = conv_args(call)
+        x, padding = explicit_padding(x, w, padding, dilation)
+        return approx_conv2d(x, w, b, _pair(stride), _pair(padding), _pair(dilation), groups, lut)
+
+    return handle
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # type: ignore[return-value]
+
+
+def _apply(model: nn.Module, cfg: ApproxMultiply, targets: list[str], structure: Structure) -> Undo:
     lut = get_lut(cfg.model, cfg.mantissa_bits)
     modules = dict(model.named_modules())
     if not targets:
-        raise ConfigError(f"ApproxMultiply: {type(model).__name__} has no nn.Linear or nn.Conv2d to simulate")
+        raise ConfigError(f"ApproxMultiply: {structure.model} has no linear or conv2d layer to simulate")
     for name in targets:
-        _check_module(name, modules[name])
+        _check_layer(name, modules[name])
     undo = Undo()
-    try:
-        for name in targets:
-            m = modules[name]
-            if isinstance(m, nn.Linear):
-                fwd = lambda x, m=m: approx_linear(x, m.weight, m.bias, lut)  # noqa: E731
-            else:
-                fwd = conv_forward(m, lut)
-            # the approximate Functions keep their input x (the cost model's trace counts it); a conv with a
-            # non-zero padding mode keeps its padded copy instead (counted by ``estimate``)
-            fwd.saves_input = isinstance(m, nn.Linear) or m.padding_mode == "zeros"
-            patch_forward(m, fwd, undo)
-    except BaseException:
-        undo.remove()
-        raise
+    intercept(model, ("linear", "conv2d"), approx_handler({id(modules[n].weight) for n in targets}, lut), undo,
+              first=True)
     return undo
-
-
-def estimate(table, cfg: ApproxMultiply, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
-    """Cost model: the approximate Functions keep their fp32 input (and the weight, a parameter); the trace
-    counts the input of every simulated layer once (``saves_input``). A conv with a non-zero padding mode keeps
-    its padded input instead, added here."""
-    modules = dict(model.named_modules())
-    for name in targets:
-        m = modules[name]
-        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" and name in table.shapes:
-            c, h, w = table.shapes[name][0]
-            ph, pw = m.padding if isinstance(m.padding, tuple) else (m.padding, m.padding)
-            row = table.row(name)
-            row.saved_per_sample += c * (h + 2 * ph) * (w + 2 * pw) * 4
-            row.technique = "approx_multiply"
 
 
 register(
@@ -115,10 +110,11 @@ register(
         paper="Gong et al., ApproxTrain: Fast Simulation of Approximate Multipliers for DNN Training and Inference, "
               "IEEE TCAD 2023, arXiv:2209.04161",
         reduces=frozenset({"compute"}),  # of the simulated hardware multiplier, not of the CPU (module docstring)
-        layer_types=(nn.Linear, nn.Conv2d),
+        layer_kinds=frozenset({"linear", "conv2d"}),
+        looks_for="linear or conv2d layers",
+        forward_bound=lambda cfg: 0.5,  # a simulated multiplier changes every product (docs/approx.md)
         exact=False,
         grad_tolerance=0.0,  # float64 conformance does not apply (fp32 format); reference tests in tests/approx/
         examples=(ApproxMultiply(), ApproxMultiply(model="mbm", mantissa_bits=3, targets=("features.*",))),
-        estimate=estimate,
     )
 )

@@ -6,10 +6,11 @@ the bias gradient does not (dL/db = sum of dL/dy), so freezing weights and train
 largest part of training memory. This file implements the bias-only part (not TinyTL's lite residual
 modules).
 
-What is stored for backward: frozen convs save nothing (:class:`._frozen.FrozenWeightConv2d`; stock
+What is stored for backward: frozen convs save nothing (:class:`._frozen.FrozenWeightConv`; stock
 PyTorch would save each conv input), BatchNorms become the affine map ``x * s + t`` with frozen
 statistics and scale (nothing saved; their ``beta`` trains), Linear layers with frozen weights save
-nothing (stock ``addmm``). ReLU-like activations still save their full fp32 output: TinyTL's 1-bit masks
+nothing (stock ``addmm``). The layers are those whose ops read a bias (any conv, linear or norm op, whatever
+the module's class: :mod:`edgetrain.structure`). ReLU-like activations still save their full fp32 output: TinyTL's 1-bit masks
 for them belong to the activation-compression techniques.
 """
 
@@ -19,13 +20,17 @@ import dataclasses
 
 from torch import nn
 
-from edgetrain.apply import Undo, classifier, set_requires_grad, under
+from edgetrain.apply import Undo, set_requires_grad, under
 from edgetrain.errors import ConfigError
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import NORM_OPS, Structure
 from edgetrain.technique import Technique, check
-from edgetrain.techniques._frozen import patch_frozen
+from edgetrain.techniques._frozen import freeze_ops
+from edgetrain.techniques.freeze import head
 
-BIASED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+#: op kinds of layers that have a bias to train
+BIASED = frozenset({"conv1d", "conv2d", "conv3d", "linear", "addmm", "conv_transpose1d", "conv_transpose2d",
+                    "conv_transpose3d"}) | NORM_OPS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,23 +51,17 @@ class BiasOnly(Technique):
         check(isinstance(self.classifier, bool), BiasOnly, "classifier", f"must be true/false, got {self.classifier!r}")
 
 
-def _apply(model: nn.Module, cfg: BiasOnly, targets: list[str]) -> Undo:
-    modules = dict(model.named_modules())
-    biases = [modules[n].bias for n in targets if getattr(modules[n], "bias", None) is not None]
-    keep = {id(b) for b in biases}
-    roots = [classifier(model)] if cfg.classifier else []
-    keep |= {id(p) for n, p in model.named_parameters() if under(n.rpartition(".")[0], roots)}
+def _apply(model: nn.Module, cfg: BiasOnly, targets: list[str], structure: Structure) -> Undo:
+    params = dict(model.named_parameters())
+    keep = {id(params[p]) for n in targets for p in structure.layers[n].params if p.rpartition(".")[2] == "bias"}
+    roots = head(structure, "BiasOnly.classifier") if cfg.classifier else []
+    keep |= {id(p) for n, p in params.items() if under(n.rpartition(".")[0], roots)}
     if not keep:
         raise ConfigError("BiasOnly: the targets have no biases and classifier=false: nothing would train")
     undo = Undo()
     set_requires_grad([p for p in model.parameters() if id(p) not in keep], False, undo)
-    patch_frozen(model, [n for n in modules if n and not under(n, roots)], undo)
+    freeze_ops(model, lambda name: not under(name, roots), undo)
     return undo
-
-
-def estimate(table, cfg, targets, model) -> None:  # noqa: ANN001
-    """Cost model: nothing to add. The trace already sees the frozen ``requires_grad`` flags, and the no-save
-    forwards of :mod:`._frozen` keep only frozen weights (parameters, not activations)."""
 
 
 register(
@@ -73,9 +72,9 @@ register(
         paper="Cai et al., TinyTL: Reduce Memory, Not Parameters for Efficient On-Device Learning, "
         "NeurIPS 2020, arXiv:2007.11622",
         reduces=frozenset({"activations", "grads", "optimizer"}),
-        layer_types=BIASED,
+        layer_kinds=BIASED,
+        looks_for="conv, linear or norm layers with a bias",
         conflicts=frozenset({"freeze"}),
         examples=(BiasOnly(), BiasOnly(classifier=False)),
-        estimate=estimate,
     )
 )

@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from edgetrain.apply import Undo, patch_forward, set_requires_grad
 from edgetrain.compress.bitpack import pack_mask, unpack_mask
 from edgetrain.errors import ConfigError
+from edgetrain.ops import Call, intercept
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
 
 
@@ -169,22 +171,27 @@ class EdgeL1BatchNorm(torch.autograd.Function):
         return gx, grad.sum(ctx.dims), None, None, None
 
 
-def _l1_bn_forward(bn: nn.modules.batchnorm._BatchNorm, fp16_grad: bool):
+def l1_bn_handler(bns: set[int], fp16_grad: bool):  # noqa: ANN201
+    """Handler: the ``batch_norm`` calls of the converted BatchNorms (keyed by their beta) as l1 BatchNorm."""
     momentum = 0.1  # Keras moving-average momentum 0.9 (paper code, spec §4.4)
 
-    def forward(x: Tensor) -> Tensor:
+    def handle(call: Call):  # noqa: ANN202
+        x, mean, var, bias = call.args[0], call.arg(1, "running_mean"), call.arg(2, "running_var"), call.arg(4, "bias")
+        if id(bias) not in bns:
+            return NotImplemented
+        training, eps = call.arg(5, "training", False), call.arg(7, "eps", 1e-5)
         view = (1, -1) + (1,) * (x.dim() - 2)
-        if not bn.training:
-            return (x - bn.running_mean.view(view)) / bn.running_var.view(view) + bn.bias.view(view)
+        if not training:
+            return (x - mean.view(view)) / var.view(view) + bias.view(view)
         dims = [d for d in range(x.dim()) if d != 1]
         with torch.no_grad():
             mu = _fp16(x.mean(dims), True)  # (C,)
-            sigma = _fp16((x - mu.view(view)).abs().mean(dims), True).clamp_min(bn.eps)  # (C,) l1 deviation
-            bn.running_mean.mul_(1 - momentum).add_(momentum * mu)
-            bn.running_var.mul_(1 - momentum).add_(momentum * sigma)  # holds sigma_1, not a variance
-        return EdgeL1BatchNorm.apply(x, bn.bias, mu, sigma, fp16_grad)
+            sigma = _fp16((x - mu.view(view)).abs().mean(dims), True).clamp_min(eps)  # (C,) l1 deviation
+            mean.mul_(1 - momentum).add_(momentum * mu)
+            var.mul_(1 - momentum).add_(momentum * sigma)  # holds sigma_1, not a variance
+        return EdgeL1BatchNorm.apply(x, bias, mu, sigma, fp16_grad)
 
-    return forward
+    return handle
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -208,13 +215,13 @@ class BNNEdge(Technique):
             check(isinstance(getattr(self, f), bool), BNNEdge, f, f"must be true/false, got {getattr(self, f)!r}")
 
 
-def _binary_forward(m: nn.Module, fp16_grad: bool):
+def _binary_forward(m: nn.Module, fp16_grad: bool, undo: Undo):
+    """A forward for edgetrain's own binary layers (their math is this technique's: sign weights, packed inputs)."""
     conv = (m.stride, m.padding, m.dilation, m.groups) if isinstance(m, nn.Conv2d) else None
 
     def forward(x: Tensor) -> Tensor:
         return EdgeBinaryLayer.apply(x, m.weight, conv, m.first_layer, fp16_grad)
 
-    forward.saves_input = m.first_layer  # the cost model's trace counts a first layer's real input
     return forward
 
 
@@ -224,17 +231,25 @@ def _set_dtype(p: nn.Parameter, dtype: torch.dtype, undo: Undo) -> None:
     undo.add(lambda: setattr(p, "data", p.data.to(old)))  # fp16 rounding of the values stays
 
 
-def _apply(model: nn.Module, cfg: BNNEdge, targets: list[str]) -> Undo:
+BINARY = (BinaryLinear, BinaryConv2d)
+
+
+def _apply(model: nn.Module, cfg: BNNEdge, targets: list[str], structure: Structure) -> Undo:
     modules = dict(model.named_modules())
+    if not any(isinstance(modules[n], BINARY) for n in targets):
+        raise ConfigError(f"BNNEdge: {structure.model} is not a binary network (no BinaryLinear/BinaryConv2d among "
+                          "the targets); BNNEdge trains binary nets built from edgetrain.techniques.bnn_edge layers")
     undo = Undo()
+    bns: set[int] = set()
     for name in targets:
         m = modules[name]
-        if isinstance(m, (BinaryLinear, BinaryConv2d)):
+        if isinstance(m, BINARY):
             if m.bias is not None:
                 raise ConfigError(f"BNNEdge: {name} has a bias; binary layers here are bias-free")
             if cfg.fp16_weights:
                 _set_dtype(m.weight, torch.float16, undo)
-            patch_forward(m, _binary_forward(m, cfg.fp16_grads), undo)
+            patch_forward(m, _binary_forward(m, cfg.fp16_grads, undo), undo)
+            undo.changes += 1
         elif isinstance(m, SignActivation):
             patch_forward(m, EdgeSign.apply, undo)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -246,27 +261,9 @@ def _apply(model: nn.Module, cfg: BNNEdge, targets: list[str]) -> Undo:
             undo.add(lambda m=m, s=saved: (m.running_mean.copy_(s[0]), m.running_var.copy_(s[1])))
             with torch.no_grad():
                 m.running_var.sqrt_().mul_(math.sqrt(2 / math.pi))  # sigma_1 of a Gaussian ~ 0.8 sigma
-            patch_forward(m, _l1_bn_forward(m, cfg.fp16_grads), undo)
+            bns.add(id(m.bias))
+    intercept(model, ("batch_norm",), l1_bn_handler(bns, cfg.fp16_grads), undo, first=True)
     return undo
-
-
-def estimate(table, cfg: BNNEdge, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
-    """Cost model: binary layers keep packed ``sign(x)`` (1 bit per input element; a first layer's real input is
-    counted by the trace), sign activations their packed STE mask, l1 BatchNorms packed ``sign(x̂)`` plus σ₁ and
-    κ (two fp32 vectors). fp16 weights, gradients and optimizer state come from the parameters' dtype."""
-    modules = dict(model.named_modules())
-    for name in targets:
-        m, shapes = modules[name], table.shapes.get(name)
-        if shapes is None or shapes[0] is None:
-            continue
-        bits = math.prod(shapes[0]) / 8  # one bit per input element, per sample
-        row = table.row(name)
-        if isinstance(m, (BinaryLinear, BinaryConv2d)) and not m.first_layer or isinstance(m, SignActivation):
-            row.saved_per_sample += bits
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            row.saved_per_sample += bits
-            row.saved_fixed += 2 * m.num_features * 4
-        row.technique = "bnn_edge"
 
 
 register(
@@ -276,12 +273,12 @@ register(
         summary="binary nets: 1-bit saved activations/STE masks, l1 BatchNorm with sign(x_hat), fp16 weights and grads",
         paper="Wang et al., Enabling Binary Neural Network Training on the Edge, ACM TECS 2023, arXiv:2102.04270",
         reduces=frozenset({"activations", "weights", "grads", "optimizer"}),
-        layer_types=(BinaryLinear, BinaryConv2d, SignActivation, nn.BatchNorm1d, nn.BatchNorm2d),
-        default_targets=lambda model: [n for n, m in model.named_modules() if n and isinstance(
+        default_targets=lambda model, structure: [n for n, m in model.named_modules() if n and isinstance(
             m, (BinaryLinear, BinaryConv2d, SignActivation, nn.BatchNorm1d, nn.BatchNorm2d))],
+        looks_for="edgetrain binary layers (BinaryLinear, BinaryConv2d)",
+        forward_bound=lambda cfg: 1.0,  # l1 BatchNorm changes the function by design (checks shapes and finiteness)
         exact=False,
         grad_tolerance=0.0,
         examples=(BNNEdge(), BNNEdge(fp16_weights=False, fp16_grads=False)),
-        estimate=estimate,
     )
 )

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from edgetrain.apply import Undo, blocks, patch_forward
+from edgetrain.apply import Undo, patch_forward
 from edgetrain.measure import account_saved
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import Structure
 from edgetrain.technique import Technique
 
 
@@ -32,8 +33,9 @@ class Checkpoint(Technique):
     """Recompute the targeted blocks in backward instead of storing their activations.
 
     Args:
-        targets: blocks to checkpoint (default: every block in ``model.block_names``, or the top-level
-            children). Each block then saves only its input(s); larger blocks save more per recompute.
+        targets: blocks to checkpoint (default: every block of the model, as :mod:`edgetrain.structure` derives
+            them or ``model.block_names``). Each block then saves only its input(s); larger blocks save more per
+            recompute.
     """
 
     name = "checkpoint"
@@ -54,12 +56,13 @@ def _keep_bn_stats(block: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(n)
 
 
-def _checkpointed(block: nn.Module):
+def _checkpointed(block: nn.Module, undo: Undo):
     plain_forward = block.forward
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():
             return plain_forward(*args, **kwargs)
+        undo.hits += 1
         # checkpoint keeps the block's inputs alive for the recomputation; its own saved-tensor hooks hide them
         # from the meter, so report them (each storage counts once).
         account_saved(*(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)))
@@ -71,25 +74,12 @@ def _checkpointed(block: nn.Module):
     return forward
 
 
-def _apply(model: nn.Module, cfg: Checkpoint, targets: list[str]) -> Undo:
+def _apply(model: nn.Module, cfg: Checkpoint, targets: list[str], structure: Structure) -> Undo:
     modules = dict(model.named_modules())
     undo = Undo()
     for name in targets:
-        patch_forward(modules[name], _checkpointed(modules[name]), undo)
+        patch_forward(modules[name], _checkpointed(modules[name], undo), undo)
     return undo
-
-
-def estimate(table, cfg, targets, model) -> None:  # noqa: ANN001
-    """Cost model: a checkpointed block keeps its input (fp32) instead of everything its ops keep."""
-    for block in targets:
-        in_shape = table.shapes.get(block, (None, None))[0]
-        for name, row in table.layers.items():
-            if name == block or name.startswith(block + "."):
-                row.saved_per_sample, row.saved_fixed, row.technique = 0.0, 0.0, "checkpoint"
-        if in_shape is not None:
-            row = table.row(block)
-            row.saved_per_sample += math.prod(in_shape) * 4
-            row.technique = "checkpoint"
 
 
 register(
@@ -99,8 +89,8 @@ register(
         summary="activation checkpointing of blocks (torch.utils.checkpoint): save block inputs, recompute the rest",
         paper="Chen et al., Training Deep Nets with Sublinear Memory Cost, arXiv:1604.06174",
         reduces=frozenset({"activations"}),
-        default_targets=blocks,
+        default_targets=lambda model, structure: list(structure.blocks),
+        looks_for="blocks that run in the forward",
         examples=(Checkpoint(),),
-        estimate=estimate,
     )
 )

@@ -4,10 +4,12 @@ Jin, Zhang, Guo, Tian, Di, Cappello, et al., *COMET: A Novel Memory-Efficient De
 Framework by Using Error-Bounded Lossy Compression*, PVLDB 15(4) 2022, arXiv:2111.09562 (spec
 algorithms_A §5; no public code).
 
-Every tensor a targeted conv / linear / BatchNorm layer saves for backward is stored with an absolute error
-bound ``eb`` (:class:`edgetrain.compress.error_bounded.ErrorBoundedCodec`: power-of-two bins of width
-<= 2 eb, 1-D Lorenzo residuals packed in 2/4/8 bits plus an escape list). Exact zeros stay exact. ReLU /
-ReLU6 save exact 1-bit masks and Dropout a 1-bit mask (as in :mod:`.actnn`), so activation masks are exact.
+Every floating-point tensor an op inside the targeted modules (default: the whole model) saves for backward is
+stored with an absolute error bound ``eb`` (:class:`edgetrain.compress.error_bounded.ErrorBoundedCodec`:
+power-of-two bins of width <= 2 eb, 1-D Lorenzo residuals packed in 2/4/8 bits plus an escape list). Exact zeros
+stay exact. Each layer (a module whose weight feeds a conv / linear / norm op, whatever its class) has its own
+codec and bound; other ops (GELU, attention, ...) share one at ``eb``. ReLU-family calls save exact 1-bit masks
+and dropout a 1-bit mask (as in :mod:`.actnn`). Not combinable with ``checkpoint``.
 
 Adaptive error bound (spec §5.4, our formulation; the paper's constants could not be checked). After
 ``warmup`` training forwards at ``eb``, and then every ``update_every`` forwards, each layer l with a
@@ -36,17 +38,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgetrain.apply import Undo, patch_forward
-from edgetrain.compress.codec import SavedCompressor, hooked_forward
+from edgetrain.compress.codec import IdentityCodec, SavedCompressor, compress_scopes
 from edgetrain.compress.error_bounded import ErrorBoundedCodec, SZ3Codec
-from edgetrain.compress.masks import dropout_forward, masked_forward
+from edgetrain.compress.masks import mask_dropout, mask_ops
+from edgetrain.ops import Call, Undo, intercept
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import NORM_OPS, WEIGHT_OPS, Structure
 from edgetrain.technique import Technique, check
 
-COMPRESSED_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
-MASK_LAYERS = (nn.ReLU, nn.ReLU6)
-LAYER_TYPES = COMPRESSED_LAYERS + MASK_LAYERS + (nn.Dropout,)
-_BN = nn.modules.batchnorm._BatchNorm
+LAYER_OPS = tuple(WEIGHT_OPS | NORM_OPS)
 BACKENDS = {"torch": ErrorBoundedCodec, "sz3": SZ3Codec}
 
 
@@ -59,7 +59,7 @@ class Comet(Technique):
     """Error-bounded compression of saved activations.
 
     Args:
-        targets: layers to compress (default: every conv, linear and BatchNorm; ReLU/ReLU6/Dropout masks).
+        targets: modules whose ops' saved tensors are compressed (default: the whole model).
         eb: absolute error bound (initial one if ``adaptive``); 0 = no compression (exactly plain).
             Larger -> fewer bits per residual, more gradient noise (std linear in eb).
         adaptive: update per-layer bounds from gradient statistics (see module docstring).
@@ -67,7 +67,7 @@ class Comet(Technique):
         update_every: forwards between bound updates (T); each update costs two tensor hooks on one step.
         warmup: forwards at ``eb`` before the first update.
         eb_min, eb_max: clamp of adaptive bounds.
-        compress_bn: also compress BatchNorm inputs (their error reaches the input gradient, §5.3).
+        compress_bn: also compress what normalisation ops save (their error reaches the input gradient, §5.3).
         min_bytes: smaller saved tensors stay raw.
         backend: ``torch`` (dual quantisation + Lorenzo, fixed-rate packing; any device) or ``sz3`` (the real
             SZ3 via the optional ``pysz`` package; CPU round trip, entropy coded: higher ratios, slower).
@@ -122,54 +122,60 @@ def new_bound(cfg: Comet, grad_out: Tensor, weight_grad: Tensor, input_scale: fl
     return min(max(eb, cfg.eb_min), cfg.eb_max)
 
 
-def _adaptive_forward(name: str, m: nn.Module, cfg: Comet, handle: CometHandle, inner: Any) -> Any:
-    codec = handle.codecs[name]
-    count = [0]
-    bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+def _layer_handler(cfg: Comet, handle: CometHandle, owner: dict[int, str], modules: dict[str, nn.Module]):
+    """Per-layer codec for the op of each layer and, when adaptive, its bound updates from that op's gradients."""
+    counts: dict[str, int] = {}
+    raw = IdentityCodec()
 
-    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = inner(x, *args, **kwargs)
-        if not (m.training and torch.is_grad_enabled() and out.requires_grad):
+    def handle_call(call: Call) -> Any:
+        name = next((owner[id(a)] for a in call.args[1:6] if isinstance(a, Tensor) and id(a) in owner), None)
+        if name is None:
+            return NotImplemented
+        norm = call.name in NORM_OPS
+        codec = handle.codecs.setdefault(name, BACKENDS[cfg.backend](cfg.eb)) if cfg.compress_bn or not norm else raw
+        prev, handle.compressor.override = handle.compressor.override, codec
+        try:
+            out = call.proceed()
+        finally:
+            handle.compressor.override = prev
+        weight = call.arg(3, "weight") if call.name == "batch_norm" else call.arg(1, "weight")
+        if codec is raw or not cfg.adaptive or not modules[call.module].training or not isinstance(out, Tensor) \
+                or not out.requires_grad or not isinstance(weight, nn.Parameter) or not weight.requires_grad:
             return out
-        count[0] += 1
-        n = count[0] - cfg.warmup
-        if n < 0 or n % cfg.update_every or m.weight is None or not m.weight.requires_grad:
+        counts[name] = n = counts.get(name, 0) + 1  # training forwards of this layer
+        if n < cfg.warmup or (n - cfg.warmup) % cfg.update_every:
             return out
+        var = call.arg(2, "running_var") if call.name == "batch_norm" else None
+        scale = float(torch.sqrt(var + call.arg(7, "eps", 1e-5)).mean()) if var is not None else 1.0
         box: dict[str, Tensor] = {}
-        scale = float(torch.sqrt(m.running_var + m.eps).mean()) if bn and m.running_var is not None else 1.0
-
-        def on_out(g: Tensor) -> None:
-            box["delta"] = g
 
         def on_weight(g: Tensor) -> None:
             hw.remove()
             if "delta" in box:
                 codec.eb = new_bound(cfg, box["delta"], g, scale)
-                handle.history.append((name, count[0], codec.eb))
+                handle.history.append((name, n, codec.eb))
 
-        out.register_hook(on_out)
-        hw = m.weight.register_hook(on_weight)
+        out.register_hook(lambda g: box.__setitem__("delta", g))
+        hw = weight.register_hook(on_weight)
         return out
 
-    return forward
+    return handle_call
 
 
-def _apply(model: nn.Module, cfg: Comet, targets: list[str]) -> CometHandle:
-    modules = dict(model.named_modules())
-    compressor = SavedCompressor(lambda: [*model.parameters(), *model.buffers()], cfg.min_bytes)
+def _apply(model: nn.Module, cfg: Comet, targets: list[str], structure: Structure) -> CometHandle:
+    compressor = SavedCompressor(lambda: [*model.parameters(), *model.buffers()], cfg.min_bytes,
+                                 BACKENDS[cfg.backend](cfg.eb))
     handle = CometHandle(compressor)
-    for name in targets:
-        m = modules[name]
-        if "forward" in m.__dict__:
-            continue  # already changed by another technique
-        if type(m) is nn.Dropout:
-            patch_forward(m, dropout_forward(m), handle)
-        elif type(m) in MASK_LAYERS:
-            patch_forward(m, masked_forward(m), handle)
-        elif isinstance(m, COMPRESSED_LAYERS) and (cfg.compress_bn or not isinstance(m, _BN)):
-            codec = handle.codecs[name] = BACKENDS[cfg.backend](cfg.eb)
-            inner = hooked_forward(m, compressor, lambda c=codec: c)
-            patch_forward(m, _adaptive_forward(name, m, cfg, handle, inner) if cfg.adaptive else inner, handle)
+    compressor.owner = handle
+    scopes = compress_scopes(model, compressor, targets, handle)
+    scope = None if scopes == [""] else (lambda name: structure.within(name, scopes))
+    mask_ops(model, handle, scope)
+    mask_dropout(model, handle, scope)
+    params = dict(model.named_parameters())
+    owner = {id(params[p]): lay.name for lay in structure.layers.values() for p in lay.params
+             if scope is None or scope(lay.name)}
+    intercept(model, LAYER_OPS, _layer_handler(cfg, handle, owner, dict(model.named_modules())), handle, count=False,
+              first=True)
     return handle
 
 
@@ -181,7 +187,10 @@ register(
         paper="Jin et al., COMET: A Novel Memory-Efficient Deep Learning Training Framework by Using Error-Bounded "
               "Lossy Compression, PVLDB 15(4) 2022, arXiv:2111.09562",
         reduces=frozenset({"activations"}),
-        layer_types=LAYER_TYPES,
+        default_targets=lambda model, structure: [""],
+        looks_for="saved floating-point activations",
+        conflicts=frozenset({"checkpoint"}),
+        traceable=False,  # payload sizes depend on the data (Lorenzo residuals, escapes)
         exact=False,
         grad_tolerance=0.0,
         examples=(Comet(), Comet(eb=0.01, adaptive=False, compress_bn=False), Comet(eb=0.0, adaptive=False)),

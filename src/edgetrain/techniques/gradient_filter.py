@@ -36,11 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetrain.apply import Undo, classifier, patch_forward, set_requires_grad, under
+from edgetrain.apply import Undo, set_requires_grad, under
 from edgetrain.errors import ConfigError
+from edgetrain.ops import Call, intercept
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
-from edgetrain.techniques._frozen import patch_frozen
+from edgetrain.techniques._frozen import conv_args, explicit_padding, freeze_ops
+from edgetrain.techniques.freeze import head
 
 RADII = (1, 2, 4, 7)  # the paper's patch sizes R2, R4, R7 (official configs), and 1 = exact
 
@@ -155,45 +158,51 @@ class FilteredConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
-def filtered_conv_forward(conv: nn.Conv2d, r: int, stride_correction: bool):
-    """A forward for ``conv`` with gradient filtering (exact conv when ``r == 1`` or no grad is needed)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ConfigError(f"GradientFilter: conv with padding {conv.padding!r}/{conv.padding_mode} is not supported")
-    if conv.dilation != (1, 1):
-        raise ConfigError(f"GradientFilter: dilated convs (dilation {conv.dilation}) are not supported")
+def _pair(v) -> tuple[int, int]:  # noqa: ANN001
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # type: ignore[return-value]
 
-    def forward(x: Tensor) -> Tensor:
-        if r == 1 or not torch.is_grad_enabled():
-            return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, 1, conv.groups)
-        return FilteredConv2d.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.groups, r,
-                                    stride_correction)
 
-    return forward
+def filter_handler(weights: set[int], r: int, stride_correction: bool):  # noqa: ANN201
+    """Handler: a ``conv2d`` call whose weight is a filtered conv's (exact when ``r == 1`` or no grad is needed)."""
+
+    def handle(call: Call):  # noqa: ANN202
+        x, w, b, stride, padding, dilation, groups = conv_args(call)
+        if id(w) not in weights or r == 1 or not torch.is_grad_enabled():
+            return NotImplemented
+        x, padding = explicit_padding(x, w, padding, dilation)
+        return FilteredConv2d.apply(x, w, b, _pair(stride), _pair(padding), groups, r, stride_correction)
+
+    return handle
 
 
 # --------------------------------------------------------------------------------------------- apply
-def filtered_convs(model: nn.Module, cfg: GradientFilter, targets: list[str]) -> list[str]:
-    if targets:
-        return targets
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if cfg.last_n_convs > len(convs):
-        raise ConfigError(f"GradientFilter.last_n_convs: {cfg.last_n_convs} > the model's {len(convs)} convs")
-    return convs[-cfg.last_n_convs:]
+def filtered_convs(structure: Structure, cfg: GradientFilter, targets: list[str]) -> list[str]:
+    """The targets, or the last ``last_n_convs`` conv2d layers in call order; refuses dilated convs."""
+    convs = targets
+    if not convs:
+        convs = structure.layers_of(("conv2d",))
+        if cfg.last_n_convs > len(convs):
+            raise ConfigError(f"GradientFilter.last_n_convs: {cfg.last_n_convs} > the model's {len(convs)} conv2d "
+                              "layers")
+        convs = convs[len(convs) - cfg.last_n_convs:]
+    for op in structure.ops:
+        owner = op.params[0].rpartition(".")[0] if op.params else None
+        if owner in convs and op.attrs and _pair(op.attrs["dilation"]) != (1, 1):
+            raise ConfigError(f"GradientFilter: {owner!r} is a dilated conv (dilation {op.attrs['dilation']}); "
+                              "not supported")
+    return convs
 
 
-def _apply(model: nn.Module, cfg: GradientFilter, targets: list[str]) -> Undo:
-    modules = dict(model.named_modules())
-    convs = filtered_convs(model, cfg, targets)
-    for name in convs:
-        if not isinstance(modules[name], nn.Conv2d):
-            raise ConfigError(f"GradientFilter: target {name!r} is a {type(modules[name]).__name__}, not a Conv2d")
-    trainable = convs + ([classifier(model)] if cfg.classifier else [])
+def _apply(model: nn.Module, cfg: GradientFilter, targets: list[str], structure: Structure) -> Undo:
+    convs = filtered_convs(structure, cfg, targets)
+    trainable = convs + (head(structure, "GradientFilter.classifier") if cfg.classifier else [])
     undo = Undo()
     set_requires_grad([p for n, p in model.named_parameters() if not under(n.rpartition(".")[0], trainable)],
                       False, undo)
-    for name in convs:
-        patch_forward(modules[name], filtered_conv_forward(modules[name], cfg.radius, cfg.stride_correction), undo)
-    patch_frozen(model, [n for n in modules if n and not under(n, trainable)], undo)
+    modules = dict(model.named_modules())
+    intercept(model, ("conv2d",), filter_handler({id(modules[n].weight) for n in convs}, cfg.radius,
+                                                 cfg.stride_correction), undo)
+    freeze_ops(model, lambda name: not under(name, trainable), undo)
     return undo
 
 
@@ -219,20 +228,21 @@ def estimate_conv(x_shape: tuple[int, int, int, int], w_shape: tuple[int, int, i
     }
 
 
-def estimate(table, cfg: GradientFilter, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
-    """Cost model: each filtered conv keeps x̃ per sample (everything below the first filtered conv is frozen,
-    so that conv's input needs no gradient and its input-gradient products are not computed)."""
+def estimate(table, cfg: GradientFilter, targets: list[str], model: nn.Module, structure: Structure) -> None:  # noqa: ANN001
+    """Cost model: the trace sees what a filtered conv saves (x̃); its backward multiply-adds are the patch
+    contractions (everything below the first filtered conv is frozen, so that conv's input needs no gradient and
+    its input-gradient products are not computed)."""
     if cfg.radius == 1:
         return  # exact path: stock conv2d, already in the trace
-    modules = dict(model.named_modules())
-    for i, name in enumerate(filtered_convs(model, cfg, targets)):
-        conv, (in_shape, out_shape) = modules[name], table.shapes[name]
-        est = estimate_conv((1, *in_shape), tuple(conv.weight.shape), tuple(out_shape[-2:]), conv.stride,
-                            conv.groups, cfg.radius, input_grad=i > 0)
-        row = table.row(name)
-        row.saved_per_sample += est["saved_bytes"]  # x̃ of one sample
+    for i, name in enumerate(filtered_convs(structure, cfg, targets)):
+        lay, row = structure.layers[name], table.row(name)
+        attrs = next(op.attrs for op in structure.ops if f"{name}.weight" in op.params)
+        w_shape = tuple(model.get_submodule(name).weight.shape)
+        est = estimate_conv((1, *lay.in_shape[1:]), w_shape, tuple(lay.out_shape[-2:]), _pair(attrs["stride"]),
+                            attrs["groups"], cfg.radius, input_grad=i > 0)
         row.backward_macs = est["backward_macs"]  # per sample (the estimate was for batch 1)
         row.technique = "gradient_filter"
+
 
 register(
     TechniqueInfo(
@@ -241,8 +251,9 @@ register(
         summary="gradient filtering: patch-averaged conv output gradients; save patch-summed inputs only",
         paper="Yang, Li, Marculescu, Efficient On-device Training via Gradient Filtering, CVPR 2023, arXiv:2301.00330",
         reduces=frozenset({"activations", "grads", "optimizer", "compute"}),
-        layer_types=(nn.Conv2d,),
-        default_targets=lambda model: [],
+        layer_kinds=frozenset({"conv2d"}),
+        default_targets=lambda model, structure: [],
+        looks_for="conv2d layers",
         conflicts=frozenset({"freeze", "bias_only"}),
         exact=False,
         grad_tolerance=0.0,

@@ -3,7 +3,8 @@
 Lin et al., *On-Device Training Under 256KB Memory*, NeurIPS 2022, arXiv:2206.15472, §2.1 (QAS) and the
 official ``algorithm/quantize/quantized_ops_diff.py`` / ``sgd_scale.py`` (specs/algorithms_A.md §6.1-6.2).
 
-Emulated on the CPU with real quantise/dequantise:
+Emulated on the CPU with real quantise/dequantise, on the conv (1-, 2-, 3-d) and linear layers it targets
+(whatever their module class: the layer's own ``conv``/``linear`` call is intercepted, :mod:`edgetrain.ops`):
 
 * **Weights**: per-output-channel symmetric int8, ``s_W[co] = max|W[co]| / 127``. The trained parameter is
   ``W̄ = W / s_W`` (an fp32 master copy; the forward uses ``clamp(round(W̄), -127, 127) · s_W``, with a
@@ -11,10 +12,10 @@ Emulated on the CPU with real quantise/dequantise:
   weight/gradient norm ratio is off by ``s_W^-2`` against fp32 training, which is what QAS corrects.
 * **QAS** (``qas=True``): ``G_W̄ ← G_W̄ · s_W^-2`` per output channel, applied in the layer's backward, i.e.
   after any gradient masking and before the optimizer step. ``qas=False`` is plain int8 SGD.
-* **Activations**: each targeted conv quantises its input per tensor to int8 (asymmetric, the batch's own
+* **Activations**: each targeted layer quantises its input per tensor to int8 (asymmetric, the batch's own
   min/max) and computes on the dequantised values; for backward it keeps **only the int8 input** (1 byte per
   element: the meter sees a 4x smaller saved tensor) and two scalars. Straight-through for the input gradient.
-  ReLU/ReLU6 after the first int8 conv keep a packed 1-bit mask (TTE's clamp mask), not an fp32 tensor.
+  ReLU-family activations where gradients flow keep a packed 1-bit mask (TTE's clamp mask), not an fp32 tensor.
 * **Biases** (and BatchNorms, the classifier) stay fp32: TTE keeps int32-valued biases scaled by ``s_x s_W``
   and rescales their gradients by ``(s_W s_x)^-2``; with fp32 biases there is no mismatch to correct.
 
@@ -31,22 +32,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetrain.apply import Undo, classifier, patch_forward, under
-from edgetrain.compress.masks import mask_activations_from
+from edgetrain.apply import Undo
+from edgetrain.compress.masks import mask_ops
 from edgetrain.errors import ConfigError
+from edgetrain.ops import Call, intercept
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
+from edgetrain.techniques._frozen import CONV_OPS, conv_args, explicit_padding
 
 QMAX = 127  # symmetric int8 weights in [-127, 127] (TTE/PyTorch per-channel symmetric convention)
+KINDS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Int8(Technique):
-    """Train the targeted convs as an int8 graph (int8 weights and saved inputs), optionally with QAS.
+    """Train the targeted conv/linear layers as an int8 graph (int8 weights and saved inputs), optionally with QAS.
 
     Args:
         qas: quantization-aware scaling of the weight gradients (TTE's fix; ``False`` = plain int8 SGD).
-        targets: convs to quantise (default: every Conv2d whose weight trains, as left by earlier techniques).
+        targets: layers to quantise (default: every conv/linear layer whose weight trains, as left by earlier
+            techniques, the classifier excepted).
     """
 
     name = "int8"
@@ -74,119 +83,128 @@ def weight_from_master(wbar: Tensor, scale: Tensor) -> Tensor:
     return torch.clamp(torch.round(wbar.detach()), -QMAX, QMAX) * scale.view(-1, *([1] * (wbar.dim() - 1)))
 
 
-class Int8Conv2d(torch.autograd.Function):
-    """conv2d of the int8-quantised input and weight; keeps the int8 input for backward."""
+def _forward(x: Tensor, w: Tensor, bias: Tensor | None, conv: tuple | None) -> Tensor:
+    return F.linear(x, w, bias) if conv is None else _CONV[w.dim() - 2](x, w, bias, *conv)
+
+
+class Int8Layer(torch.autograd.Function):
+    """conv (``conv`` = (stride, padding, dilation, groups)) or linear (``conv=None``) of the int8-quantised input
+    and weight; keeps the int8 input for backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, wbar: Tensor, scale: Tensor, bias: Tensor | None, stride, padding, dilation,
-                groups: int, qas: bool):  # type: ignore[override]
+    def forward(ctx, x: Tensor, wbar: Tensor, scale: Tensor, bias: Tensor | None, conv: tuple | None,  # type: ignore[override]
+                qas: bool):
         q, s, z = quantize_input(x)
         w = weight_from_master(wbar, scale)
         ctx.save_for_backward(q if ctx.needs_input_grad[1] else None, s, z, wbar, scale)
-        ctx.meta = (tuple(x.shape), x.dtype, stride, padding, dilation, groups, qas, bias is not None)
-        return F.conv2d(dequantize_input(q, s, z, x.dtype), w, bias, stride, padding, dilation, groups)
+        ctx.meta = (tuple(x.shape), x.dtype, conv, qas, bias is not None)
+        return _forward(dequantize_input(q, s, z, x.dtype), w, bias, conv)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         q, s, z, wbar, scale = ctx.saved_tensors
-        shape, dtype, stride, padding, dilation, groups, qas, has_bias = ctx.meta
+        shape, dtype, conv, qas, has_bias = ctx.meta
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # straight through the input quantisation
-            gx = torch.nn.grad.conv2d_input(shape, weight_from_master(wbar, scale), g, stride, padding, dilation,
-                                            groups)
+            w = weight_from_master(wbar, scale)
+            gx = g @ w if conv is None else _CONV_INPUT[wbar.dim() - 2](shape, w, g, *conv)
         if ctx.needs_input_grad[1]:
-            gW = torch.nn.grad.conv2d_weight(dequantize_input(q, s, z, dtype), wbar.shape, g, stride, padding,
-                                             dilation, groups)  # dL/dW
-            per_channel = scale.view(-1, 1, 1, 1)
+            x = dequantize_input(q, s, z, dtype)
+            if conv is None:
+                gW = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # dL/dW (out, in)
+            else:
+                gW = _CONV_WEIGHT[wbar.dim() - 2](x, wbar.shape, g, *conv)  # dL/dW
+            per_channel = scale.view(-1, *([1] * (wbar.dim() - 1)))
             gw = gW * per_channel  # dL/dW̄ = s_W · dL/dW (straight-through round)
             if qas:
                 gw = gw / per_channel**2  # QAS: · s_W^-2
         if has_bias and ctx.needs_input_grad[3]:
-            gb = g.sum((0, 2, 3))
-        return gx, gw, None, gb, None, None, None, None, None
+            gb = g.sum(tuple(range(g.dim() - 1))) if conv is None else g.sum((0, *range(2, g.dim())))
+        return gx, gw, None, gb, None, None
 
 
-def _forward(conv: nn.Conv2d, qas: bool):
-    def forward(x: Tensor) -> Tensor:
+def int8_handler(layers: dict[int, nn.Module], qas: bool):  # noqa: ANN201
+    """Handler: a ``conv*d``/``linear`` call whose weight is an int8 layer's master weight ``W̄``."""
+
+    def handle(call: Call):  # noqa: ANN202
+        w = call.arg(1, "weight")
+        layer = layers.get(id(w))
+        if layer is None:
+            return NotImplemented
+        if call.name == "linear":
+            x, b, conv = call.args[0], call.arg(2, "bias"), None
+        else:
+            x, w, b, stride, padding, dilation, groups = conv_args(call)
+            x, padding = explicit_padding(x, w, padding, dilation)
+            conv = (stride, padding, dilation, groups)
         if not torch.is_grad_enabled():
             q, s, z = quantize_input(x)
-            return F.conv2d(dequantize_input(q, s, z, x.dtype), weight_from_master(conv.weight, conv.weight_scale),
-                            conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return Int8Conv2d.apply(x, conv.weight, conv.weight_scale, conv.bias, conv.stride, conv.padding,
-                                conv.dilation, conv.groups, qas)
+            return _forward(dequantize_input(q, s, z, x.dtype), weight_from_master(w, layer.weight_scale), b, conv)
+        return Int8Layer.apply(x, w, layer.weight_scale, b, conv, qas)
 
-    return forward
+    return handle
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    head = classifier(model)
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad
-            and not under(n, [head])]
-
-
-def _apply(model: nn.Module, cfg: Int8, targets: list[str]) -> Undo:
+def default_targets(model: nn.Module, structure: Structure) -> list[str]:
     modules = dict(model.named_modules())
-    targets = targets or default_targets(model)
-    if not targets:
-        raise ConfigError("Int8: no trainable Conv2d to quantise (freeze less, or give targets)")
-    undo = Undo()
-    for name in targets:
-        conv = modules[name]
-        if "forward" in conv.__dict__ or hasattr(conv, "weight_part"):
-            raise ConfigError(f"Int8: conv {name!r} is already changed by another technique (e.g. a partial-channel "
-                              "sparse update); int8 of such layers is not supported")
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ConfigError(f"Int8: conv {name!r} with padding {conv.padding!r}/{conv.padding_mode} is not supported")
-        if conv.weight.dtype != torch.float32 and conv.weight.dtype != torch.float64:
-            raise ConfigError(f"Int8: conv {name!r} has {conv.weight.dtype} weights; expected float32/float64")
-        original = conv.weight.detach().clone()
-        scale = (original.abs().amax(dim=(1, 2, 3)) / QMAX).clamp(min=1e-12)  # (C_out,)
-        conv.register_buffer("weight_scale", scale)
-        with torch.no_grad():
-            conv.weight.div_(scale.view(-1, 1, 1, 1))
-        start = conv.weight.detach().clone()
-        patch_forward(conv, _forward(conv, cfg.qas), undo)
+    return [n for n in structure.layers_of(KINDS) if n != structure.classifier
+            and getattr(modules[n], "weight", None) is not None and modules[n].weight.requires_grad]
 
-        def restore(conv=conv, original=original, start=start) -> None:
+
+def _apply(model: nn.Module, cfg: Int8, targets: list[str], structure: Structure) -> Undo:
+    modules = dict(model.named_modules())
+    targets = targets or default_targets(model, structure)
+    if not targets:
+        raise ConfigError("Int8: no trainable conv/linear layer to quantise (freeze less, or give targets)")
+    undo = Undo()
+    layers: dict[int, nn.Module] = {}
+    for name in targets:
+        layer = modules[name]
+        w = getattr(layer, "weight", None)
+        if not isinstance(w, nn.Parameter) or hasattr(layer, "weight_part"):
+            raise ConfigError(f"Int8: layer {name!r} is already changed by another technique (e.g. a partial-channel "
+                              "sparse update) or has no weight parameter; int8 of such layers is not supported")
+        if w.dtype not in (torch.float32, torch.float64):
+            raise ConfigError(f"Int8: layer {name!r} has {w.dtype} weights; expected float32/float64")
+        original = w.detach().clone()
+        scale = (original.abs().flatten(1).amax(dim=1) / QMAX).clamp(min=1e-12)  # (C_out,)
+        view = (-1, *([1] * (w.dim() - 1)))
+        layer.register_buffer("weight_scale", scale)
+        with torch.no_grad():
+            w.div_(scale.view(view))
+        start = w.detach().clone()
+        layers[id(w)] = layer
+        undo.changes += 1
+
+        def restore(layer=layer, original=original, start=start, view=view) -> None:
             with torch.no_grad():
-                if torch.equal(conv.weight, start):
-                    conv.weight.copy_(original)  # untouched: give back the exact original
+                if torch.equal(layer.weight, start):
+                    layer.weight.copy_(original)  # untouched: give back the exact original
                 else:
-                    conv.weight.mul_(conv.weight_scale.view(-1, 1, 1, 1))  # trained: W = W̄ · s_W
-            del conv.weight_scale
+                    layer.weight.mul_(layer.weight_scale.view(view))  # trained: W = W̄ · s_W
+            del layer.weight_scale
 
         undo.add(restore)
-    # ReLU/ReLU6 after the first int8 conv keep a 1-bit mask (TTE's int8 graph clamps with a saved 1-bit mask)
-    mask_activations_from(model, targets, undo)
+    intercept(model, (*CONV_OPS, "linear"), int8_handler(layers, cfg.qas), undo, first=True)
+    # ReLU-family activations where gradients flow keep a 1-bit mask (TTE's int8 graph clamps with a saved mask)
+    mask_ops(model, undo)
     return undo
-
-
-def estimate(table, cfg: Int8, targets: list[str], model: nn.Module) -> None:  # noqa: ANN001
-    """Cost model: each int8 conv keeps its input as int8 (1 byte per element) plus two scalars."""
-    import math
-
-    modules = dict(model.named_modules())
-    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and "weight_scale" in m._buffers]
-    for name in convs:
-        row = table.row(name)
-        row.saved_per_sample += math.prod(table.shapes[name][0])
-        row.saved_fixed += 8
-        row.technique = "int8"
-    # its 1-bit ReLU masks are counted by the cost model's trace (edgetrain.compress.masks)
 
 
 register(
     TechniqueInfo(
         config=Int8,
         apply=_apply,
-        summary="int8 conv training (per-channel int8 weights, int8 saved inputs) with quantization-aware scaling",
+        summary="int8 conv/linear training (per-channel int8 weights, int8 saved inputs) with quantization-aware "
+                "scaling",
         paper="Lin et al., On-Device Training Under 256KB Memory, NeurIPS 2022, arXiv:2206.15472 (QAS)",
         reduces=frozenset({"activations"}),
-        layer_types=(nn.Conv2d,),
+        layer_kinds=KINDS,
         default_targets=default_targets,
+        looks_for="conv/linear layers whose weights train",
+        forward_bound=lambda cfg: 0.1,  # per-tensor int8 inputs, per-channel int8 weights (measured on the zoo)
         exact=False,  # lossy by design: tests/techniques/test_int8.py checks it against a float64 reference
         grad_tolerance=0.0,
         examples=(Int8(), Int8(qas=False)),
-        estimate=estimate,
     )
 )

@@ -3,15 +3,16 @@
 Chiang, Frumkin, Liang, Marculescu, *MobileTL: On-device Transfer Learning with Inverted Residual Blocks*,
 AAAI 2023, arXiv:2212.03246 (spec algorithms_A §3; no public code).
 
-In each fine-tuned block (the last ``last_k_blocks`` of ``model.block_names``, or all):
+In each fine-tuned block (the last ``last_k_blocks`` of the model's blocks, or all; :mod:`edgetrain.structure`):
 
-* internal BatchNorms (every BN of the block but the last) freeze their scale and running statistics and
-  train only the shift: ``y = x * s + (beta - mean * s)`` with constant ``s``, which saves nothing for
-  backward (reuses :mod:`._frozen`);
+* internal BatchNorms (every ``batch_norm`` op of the block but the last, in call order) freeze their scale and
+  running statistics and train only the shift: ``y = x * s + (beta - mean * s)`` with constant ``s``, which saves
+  nothing for backward (reuses :mod:`._frozen`);
 * the block's last BatchNorm trains normally (gamma, beta, batch statistics);
-* ReLU / ReLU6 / Hardswish backward from a bit-packed 1-bit mask: ReLU ``x > 0`` (exact), ReLU6
-  ``0 < x < 6`` (``relu6_mode="exact"``) or ``x > threshold`` (``"step"``), Hardswish ``x > threshold``
-  (MobileTL's two-valued "signed" derivative; approximate);
+* activation calls backward from a bit-packed 1-bit mask: ReLU ``x > 0`` (exact), ReLU6 ``0 < x < 6``
+  (``relu6_mode="exact"``) or ``x > threshold`` (``"step"``), hard-sigmoid (exact, the squeeze-excite gate),
+  Hardswish ``x > threshold`` (MobileTL's two-valued "signed" derivative; approximate). A block that calls an
+  activation with no such mask (GELU, SiLU, sigmoid, ...) or no BatchNorm is refused;
 * conv weights train as usual (their inputs stay saved in full precision).
 
 Blocks below the fine-tuned ones are frozen (no gradient, no saved activations; frozen layers use the
@@ -28,15 +29,18 @@ import dataclasses
 
 from torch import nn
 
-from edgetrain.apply import Undo, blocks, classifier, patch_forward, set_requires_grad, under
-from edgetrain.compress.masks import MASKABLE, RELU6_MODES, masked_forward
+from edgetrain.apply import Undo, set_requires_grad, under
+from edgetrain.compress.masks import RELU6_MODES, mask_ops
 from edgetrain.errors import ConfigError
+from edgetrain.ops import intercept
 from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import ACTIVATION_OPS, Structure, base_op
 from edgetrain.technique import Technique, check
-from edgetrain.techniques._frozen import frozen_bn_forward, patch_frozen
+from edgetrain.techniques._frozen import freeze_ops, frozen_bn
+from edgetrain.techniques.freeze import head, last_blocks
 
-#: Activations MobileTL cannot turn into a 1-bit mask (a fine-tuned block containing one is an error).
-UNSUPPORTED_ACTS = (nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Mish)
+#: activation ops with a 1-bit-mask backward (exact, or MobileTL's step for Hardswish)
+MASKED = frozenset({"relu", "relu6", "hardtanh", "leaky_relu", "hardsigmoid", "hardswish"})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,46 +73,50 @@ class MobileTL(Technique):
         check(isinstance(self.classifier, bool), MobileTL, "classifier", f"must be true/false, got {self.classifier!r}")
 
 
-def tuned_blocks(model: nn.Module, cfg: MobileTL) -> list[str]:
+def tuned_blocks(structure: Structure, cfg: MobileTL) -> list[str]:
     """Names of the blocks MobileTL fine-tunes."""
-    bl = blocks(model)
     if cfg.last_k_blocks is None:
-        return bl
-    if cfg.last_k_blocks > len(bl):
-        raise ConfigError(f"MobileTL.last_k_blocks: {cfg.last_k_blocks} > the model's {len(bl)} blocks")
-    return bl[-cfg.last_k_blocks:]
+        return list(structure.blocks)
+    return last_blocks(structure, cfg.last_k_blocks, "MobileTL.last_k_blocks")
 
 
-def _check_block(name: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
-    bns = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        raise ConfigError(f"MobileTL: block {name!r} has no BatchNorm; MobileTL needs conv-BN-activation blocks")
-    for n, m in block.named_modules():
-        if isinstance(m, UNSUPPORTED_ACTS):
-            raise ConfigError(f"MobileTL: {name}.{n} is {type(m).__name__}; supported activations: "
-                              f"{', '.join(t.__name__ for t in MASKABLE)}")
-    for n, m in bns:
-        if m.running_mean is None:
-            raise ConfigError(f"MobileTL: {name}.{n} has no running statistics (track_running_stats=False)")
-    return bns
+def block_norms(structure: Structure, block: str) -> list[str]:
+    """The BatchNorm layers a block's ``batch_norm`` ops use, in call order; refuses blocks MobileTL cannot take."""
+    ops = [op for op in structure.ops if structure.within(op.module, [block])]
+    bad = sorted({f"{op.name} in {op.module}" for op in ops
+                  if base_op(op.name) in ACTIVATION_OPS and base_op(op.name) not in MASKED})
+    if bad:
+        raise ConfigError(f"MobileTL: block {block!r} calls {bad[0]}: no 1-bit-mask backward for it (supported: "
+                          f"{', '.join(sorted(MASKED))})")
+    norms = []
+    for op in ops:
+        if base_op(op.name) == "batch_norm":
+            owner = op.params[0].rpartition(".")[0] if op.params else op.module
+            if owner not in norms:
+                norms.append(owner)
+    if not norms:
+        raise ConfigError(f"MobileTL: block {block!r} has no batch_norm op; MobileTL needs conv-BN-activation blocks")
+    return norms
 
 
-def _apply(model: nn.Module, cfg: MobileTL, targets: list[str]) -> Undo:
+def _apply(model: nn.Module, cfg: MobileTL, targets: list[str], structure: Structure) -> Undo:
     modules = dict(model.named_modules())
-    tuned = tuned_blocks(model, cfg)
-    roots = tuned + ([classifier(model)] if cfg.classifier else [])
-    plan = {name: _check_block(name, modules[name]) for name in tuned}  # validate before changing anything
+    tuned = tuned_blocks(structure, cfg)
+    roots = tuned + (head(structure, "MobileTL.classifier") if cfg.classifier else [])
+    internal = [bn for b in tuned for bn in block_norms(structure, b)[:-1]]  # validates before changing anything
+    for bn in internal:
+        if getattr(modules[bn], "running_mean", None) is None:
+            raise ConfigError(f"MobileTL: {bn} has no running statistics (track_running_stats=False)")
     undo = Undo()
-    set_requires_grad([p for n, p in model.named_parameters() if not under(n.rpartition(".")[0], roots)], False, undo)
-    patch_frozen(model, [n for n in modules if n and not under(n, roots)], undo)
-    for name, bns in plan.items():
-        for _, bn in bns[:-1]:  # internal BNs: frozen scale and statistics, trainable shift
-            if bn.weight is not None:
-                set_requires_grad([bn.weight], False, undo)
-            patch_forward(bn, frozen_bn_forward(bn), undo)
-        for m in modules[name].modules():
-            if type(m) in MASKABLE and "forward" not in m.__dict__:
-                patch_forward(m, masked_forward(m, float(cfg.act_threshold), cfg.relu6_mode), undo)
+    freeze_outside = [p for n, p in model.named_parameters() if not under(n.rpartition(".")[0], roots)]
+    set_requires_grad(freeze_outside, False, undo)
+    freeze_ops(model, lambda name: not under(name, roots), undo)
+    weights = [modules[bn].weight for bn in internal if getattr(modules[bn], "weight", None) is not None]
+    set_requires_grad(weights, False, undo)  # internal BNs: frozen scale and statistics, trainable shift
+    names = set(internal)
+    intercept(model, ("batch_norm",), frozen_bn(lambda call: call.module in names), undo)
+    mask_ops(model, undo, lambda name: under(name, tuned), threshold=float(cfg.act_threshold),
+             relu6_mode=cfg.relu6_mode, step_hardswish=True)
     return undo
 
 
@@ -123,12 +131,6 @@ def irb_saved_elements(c: int, t: int = 6, inplace_relu6: bool = True) -> dict[s
     return {"plain": plain, "mobiletl": mobiletl, "reduction": 1 - mobiletl / plain}
 
 
-def estimate(table, cfg, targets, model) -> None:  # noqa: ANN001
-    """Cost model: nothing to add. The trace sees the frozen blocks, the shift-only BatchNorms (``x·s + t``
-    keeps only ``s``), the fp32 conv inputs and the last BN by rule, and counts the 1-bit masks of
-    :func:`edgetrain.compress.masks.masked_forward` itself."""
-
-
 register(
     TechniqueInfo(
         config=MobileTL,
@@ -137,11 +139,11 @@ register(
         paper="Chiang et al., MobileTL: On-device Transfer Learning with Inverted Residual Blocks, AAAI 2023, "
               "arXiv:2212.03246",
         reduces=frozenset({"activations", "grads", "optimizer", "compute"}),
-        default_targets=lambda model: [],
+        default_targets=lambda model, structure: [],
+        looks_for="blocks with BatchNorm and maskable activations",
         conflicts=frozenset({"freeze", "bias_only"}),
         exact=False,
         grad_tolerance=0.0,
         examples=(MobileTL(), MobileTL(last_k_blocks=2, relu6_mode="step", act_threshold=0.5)),
-        estimate=estimate,
     )
 )
