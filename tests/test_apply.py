@@ -4,14 +4,16 @@ import pytest
 import torch
 
 import edgetrain as et
-from edgetrain.apply import blocks, classifier, select
+from edgetrain.apply import select
+from edgetrain.structure import analyze
 from edgetrain.testing import tiny_batch, tiny_model
 
 
 def test_select_globs_in_model_order():
     model = tiny_model()
     assert select(model, ["features.*.0"]) == ["features.0.0", "features.1.0", "features.2.0"]
-    assert select(model, ["features.2.*"], (torch.nn.BatchNorm2d,)) == ["features.2.1"]
+    structure = analyze(model, tiny_batch()[0])
+    assert select(model, ["features.2.*"], frozenset({"batch_norm"}), structure) == ["features.2.1"]
 
 
 def test_unknown_target_is_an_error_that_shows_real_names():
@@ -24,11 +26,19 @@ def test_target_of_wrong_layer_type_is_an_error():
         et.apply_(tiny_model(), et.BiasOnly(targets=["pool"]))
 
 
-def test_blocks_and_classifier_fall_back_to_structure():
+def test_blocks_and_classifier_come_from_the_ops():
     seq = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 4))
-    assert blocks(seq) == ["0", "1", "2"] and classifier(seq) == "2"
-    with pytest.raises(et.ConfigError, match="no nn.Linear"):
-        classifier(torch.nn.Sequential(torch.nn.ReLU()))
+    s = analyze(seq, torch.randn(2, 2))
+    assert s.blocks == ["0", "2"] and s.classifier == "2"  # the ReLU has no parameters: not a block
+    with pytest.raises(et.ConfigError, match="Freeze.classifier: Sequential has no linear op"):
+        et.apply_(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU()), et.Freeze(),
+                  torch.randn(2, 1, 2, 2)) if False else et.apply_(torch.nn.Sequential(torch.nn.BatchNorm1d(3)),
+                                                                   et.Freeze(), torch.randn(2, 3))
+
+
+def test_apply_needs_an_example_for_a_model_without_an_input_size():
+    with pytest.raises(et.ConfigError, match="pass example="):
+        et.apply_(torch.nn.Sequential(torch.nn.Linear(2, 2)), et.Freeze())
 
 
 def test_conflicting_techniques_are_rejected():

@@ -9,7 +9,7 @@ import torch
 
 import edgetrain as et
 from edgetrain.registry import config_from_dict
-from edgetrain.testing import frozen_reference, model_state, step_grads, tiny_batch, tiny_model
+from edgetrain.testing import frozen_reference, model_for, model_state, step_grads, tiny_batch
 
 CASES = [pytest.param(info, cfg, id=f"{info.name}-{i}") for info in et.list_techniques() for i, cfg in
          enumerate(info.examples)]
@@ -38,13 +38,13 @@ def test_unknown_field_is_a_clear_error(info, cfg):
 
 @pytest.mark.parametrize("info,cfg", CASES)
 def test_apply_then_remove_restores_the_model(info, cfg):
-    model = tiny_model()
+    model = model_for(info)
     x, y = tiny_batch()
     before = model_state(model)
     model.eval()
     out_before = model(x)
     model.train()
-    handle = et.apply_(model, cfg)
+    handle = et.apply_(model, cfg, x)
     step_grads(model, (x, y))  # use it once: forward and backward through the technique
     handle.remove()
     model.zero_grad(set_to_none=True)
@@ -70,10 +70,10 @@ def test_gradients_match_plain_pytorch(info, cfg):
     """
     if not info.exact and not info.grad_tolerance:
         pytest.skip(f"{info.name} is lossy by design; its reference test lives in tests/techniques/")
-    original = tiny_model(dtype=torch.float64)
+    original = model_for(info, torch.float64)
     model = copy.deepcopy(original)
     batch = tiny_batch(dtype=torch.float64)
-    et.apply_(model, cfg)
+    et.apply_(model, cfg, batch[0])
     ref = frozen_reference(original, model)
     loss, grads = step_grads(model, batch)
     ref_loss, ref_grads = step_grads(ref, batch)

@@ -9,7 +9,7 @@ import edgetrain as et
 from edgetrain.cost import estimate, format_table
 from edgetrain.models import create_model
 from edgetrain.techniques import ActNN, MobileTL
-from edgetrain.testing import tiny_batch, tiny_model
+from edgetrain.testing import model_for, tiny_batch, tiny_model
 
 TOL = 0.10  # the bar; the rules are byte-exact on the models below
 
@@ -20,7 +20,7 @@ def _close(est: int, meas: int) -> bool:
 
 def _check(model, batch, recipe=None, optimizer="sgd_momentum"):
     x, _ = batch
-    table = estimate(model, recipe, tuple(x.shape[1:]), x.shape[0], optimizer)
+    table = estimate(model, recipe, batch_size=x.shape[0], optimizer=optimizer, example=x)
     m = et.measure(model, batch, recipe=recipe, warmup=1, repeats=1)
     assert _close(table.saved_bytes, m.saved_bytes), (table.saved_bytes, m.saved_bytes, m.saved_by_module)
     assert table.grad_bytes == m.grad_bytes
@@ -49,13 +49,13 @@ def test_saved_bytes_scale_with_the_batch_size():
     assert t16.saved_bytes > 3.5 * t4.saved_bytes
 
 
-CASES = [pytest.param(info, cfg, id=f"{info.name}-{i}") for info in et.list_techniques() if info.estimate
+CASES = [pytest.param(info, cfg, id=f"{info.name}-{i}") for info in et.list_techniques() if info.traceable
          for i, cfg in enumerate(info.examples)]
 
 
 @pytest.mark.parametrize("info,cfg", CASES)
 def test_every_estimate_is_within_10_percent_of_the_meter(info, cfg):
-    _check(tiny_model(), tiny_batch(8), cfg)
+    _check(model_for(info), tiny_batch(8), cfg)
 
 
 @pytest.mark.parametrize("recipe", [
@@ -91,7 +91,7 @@ def test_estimate_leaves_the_model_unchanged():
 
 
 def test_technique_without_a_cost_model_is_a_clear_error():
-    missing = [i for i in et.list_techniques() if i.estimate is None]
+    missing = [i for i in et.list_techniques() if not i.traceable]
     if not missing:
         pytest.skip("every technique has a cost model")
     with pytest.raises(et.ConfigError, match=f"no cost model for {missing[0].name}"):

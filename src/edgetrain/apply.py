@@ -160,8 +160,6 @@ def _eval_output(model: nn.Module, inputs: Any, grad: bool) -> list[torch.Tensor
 
 
 def _relative_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    if len(out) != len(ref) or any(a.shape != b.shape for a, b in zip(out, ref)):
-        return float("inf")
     num = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(out, ref))
     den = sum(float(b.double().pow(2).sum()) for b in ref)
     return (num / max(den, 1e-300)) ** 0.5
@@ -176,13 +174,19 @@ def _check(model: nn.Module, recipe: Recipe, parts: list[tuple[str, Any]], input
                               f"(it looks for {get(name).looks_for}); `edgetrain inspect` shows the model's layers")
     bound = max(get(cfg).forward_bound(cfg) for cfg in recipe.techniques)
     floor = 1e-9 if all(t.dtype == torch.float64 for t in ref) else 1e-4  # float rounding of reordered ops
-    err = _relative_error(out, ref)
-    if not err <= max(bound, floor):
-        shapes = f"{[tuple(t.shape) for t in out]} vs {[tuple(t.shape) for t in ref]}"
-        what = f"shape {shapes}" if err == float("inf") else f"relative error {err:.3g}"
-        limit = "is lossless" if bound == 0 else f"states a bound of {bound:g}"
-        raise ConfigError(f"recipe {recipe.name!r} changes what {type(model).__name__} computes in eval mode "
-                          f"({what}) although {limit}; not applied")
+    if len(out) != len(ref) or any(a.shape != b.shape for a, b in zip(out, ref)):
+        what = f"output shapes {[tuple(t.shape) for t in out]} instead of {[tuple(t.shape) for t in ref]}"
+    elif not all(bool(torch.isfinite(t).all()) for t in out) and all(bool(torch.isfinite(t).all()) for t in ref):
+        what = "non-finite outputs"
+    else:
+        err = _relative_error(out, ref)
+        if err <= max(bound, floor):
+            return
+        what = f"relative error {err:.3g}"
+    limit = "is lossless" if bound == 0 else (f"states a bound of {bound:g}" if bound < float("inf") else
+                                            "may change its values by design, not its shapes")
+    raise ConfigError(f"recipe {recipe.name!r} changes what {type(model).__name__} computes in eval mode ({what}) "
+                      f"although {limit}; not applied")
 
 
 def apply_(model: nn.Module, recipe: Any, example: Any = None, *, check: bool = True) -> Applied:

@@ -119,13 +119,13 @@ def provenance(threads: int, extra: dict[str, Any] | None = None) -> dict[str, A
     }
 
 
-def _estimate(model, recipe: Recipe, wl: Workload, cfg) -> Any:  # noqa: ANN001
-    """The cost model's prediction for ``recipe`` (``None`` when a technique has no cost model yet)."""
+def _estimate(model, recipe: Recipe, wl: Workload, cfg, example) -> Any:  # noqa: ANN001
+    """The cost model's prediction for ``recipe`` (``None`` when a technique has no cost model)."""
     from edgetrain.cost import estimate
 
     opt = "adamw" if cfg.optimizer == "adamw" else ("sgd_momentum" if cfg.momentum else "sgd")
     try:
-        return estimate(model, recipe, (wl.channels, wl.image_size, wl.image_size), wl.batch_size, opt)
+        return estimate(model, recipe, batch_size=wl.batch_size, optimizer=opt, example=example)
     except ConfigError:
         return None
 
@@ -146,8 +146,8 @@ def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> di
         if progress:
             print(f"[bench {i + 1}/{len(spec.recipes)}] {recipe.name}", file=sys.stderr, flush=True)
         model = wl.build_model(train_data.num_classes)
-        est = _estimate(model, recipe, wl, cfg)
-        apply_(model, recipe)
+        est = _estimate(model, recipe, wl, cfg, batch[0])
+        apply_(model, recipe, batch[0])
         m = measure(model, batch, optimizer=build_optimizer(model, cfg), warmup=1, repeats=spec.measure_repeats)
         t0 = time.perf_counter()
         # already applied above; an empty recipe with its name labels the progress bar

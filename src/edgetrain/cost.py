@@ -4,16 +4,18 @@ workspace bytes and MACs, predicted from two tiny traced forward passes (no back
 How it works:
 
 1. The recipe is applied (so ``requires_grad`` flags and the techniques' op handlers are what training would see)
-   and the model runs forward at two tiny batch sizes (2 and 4 samples of the example input, repeated if it has
-   fewer), then the default loss, under the meter's saved-tensor hooks (:class:`edgetrain.measure.SavedTensorMeter`).
+   and the model runs forward at the batch size asked for and at half of it (samples of the example input,
+   repeated if it has fewer), then the default loss, under the meter's saved-tensor hooks
+   (:class:`edgetrain.measure.SavedTensorMeter`).
    So what is counted is what autograd really keeps for backward, for any op and any module: functional calls,
    every attention backend PyTorch picks for the inputs given (the math path with a mask or dropout keeps its
    probabilities, the fused one its log-sum-exp rows), integer and dict inputs, the techniques' own autograd
    Functions and codec payloads. Each storage counts once, attributed to the innermost module running, as the
    meter does. Model state (buffers, RNG) is restored afterwards.
-2. Saved bytes are fitted as linear in the batch size (a per-sample part plus a fixed part), so the table holds
-   for any batch size; it is exact where every saved tensor scales with the batch (tests hold plain training and
-   every technique to the meter at tolerance 0 on the built-in models, docs/measurement.md lists where not).
+2. Saved bytes are fitted as linear in the batch size (a per-sample part plus a fixed part) through the two
+   traces; at the traced batch size they are what the trace saw (tests hold plain training and every technique
+   to the meter on the built-in models and the foreign zoo); other batch sizes are extrapolated (thresholds such
+   as a codec's ``min_bytes`` make that approximate).
 3. A TorchFunctionMode recorder sees every conv/linear call with its arguments: forward multiply-accumulates,
    and backward ones (one product of the same size per gradient needed); techniques that change the backward
    product count (gradient filtering) correct it through their registered ``estimate``.
@@ -130,7 +132,6 @@ class CostTable:
         rows = []
         for r in self.layers.values():
             d = dataclasses.asdict(r)
-            d.pop("items")
             d["saved_bytes"] = r.saved(self.batch_size)
             rows.append(d)
         return {"batch_size": self.batch_size, "optimizer": self.optimizer, "input_shape": list(self.input_shape),
@@ -210,14 +211,14 @@ def _rows(meter: SavedTensorMeter) -> tuple[dict[str, int], dict[str, bool]]:
     return dict(meter.by_module), uint8
 
 
-def trace_table(model: nn.Module, example: Any, batch_size: int, optimizer: str = "sgd_momentum",
-                batches: tuple[int, int] = (2, 4)) -> CostTable:
-    """The rows of ``model`` as it stands (techniques already applied), traced on ``example`` (model inputs)."""
+def trace_table(model: nn.Module, example: Any, batch_size: int, optimizer: str = "sgd_momentum") -> CostTable:
+    """The rows of ``model`` as it stands (techniques already applied), traced on ``example`` (model inputs) at
+    the batch size itself and at half of it (twice it for batch 1)."""
     if optimizer not in OPT_COPIES:
         raise ConfigError(f"estimate: optimizer must be one of {sorted(OPT_COPIES)}, got {optimizer!r}")
-    if batch_size < 1:
+    if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"estimate: batch_size must be >= 1, got {batch_size}")
-    a, b = batches
+    a, b = (batch_size, 2 * batch_size) if batch_size < 2 else (batch_size // 2, batch_size)
     meter_a, rec_a, shapes = _trace(model, take(example, a))
     meter_b, _, _ = _trace(model, take(example, b))
     first = tensors(example)[0]

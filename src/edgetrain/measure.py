@@ -276,7 +276,12 @@ def measure(model: nn.Module, batch: Any,
     def step(meter: SavedTensorMeter | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         with meter if meter is not None else contextlib.nullcontext():
-            loss = loss_fn(call_model(model, x), y)
+            out = call_model(model, x)
+            if meter is not None:
+                meter._enter_module("(loss)")  # what the loss keeps gets its own row
+            loss = loss_fn(out, y)
+            if meter is not None:
+                meter._exit_module()
         if not torch.isfinite(loss):
             raise ConfigError(f"measure: the loss is {loss.item()} on this batch; nothing meaningful to measure")
         loss.backward()

@@ -68,8 +68,23 @@ class Contribution:
                    {c: {float(r): g for r, g in w.items()} for c, w in d["weights"].items()}, d["k_ref"], d["meta"])
 
 
-def conv_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+def structure_of(model: nn.Module, input_shape: tuple[int, ...] | None = None):  # noqa: ANN201
+    """The model's structure (:mod:`edgetrain.structure`), traced on a zero input of ``input_shape`` (default: the
+    model's own input size)."""
+    from edgetrain.inputs import example_for
+    from edgetrain.structure import analyze
+
+    example = torch.zeros((2, *input_shape)) if input_shape is not None else example_for(model)
+    if example is None:
+        raise ConfigError(f"plan: give the input shape of {type(model).__name__}")
+    return analyze(model, example)
+
+
+def conv_names(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[str]:
+    """The layers sparse update counts (:func:`edgetrain.techniques.sparse_update.layers`), in call order."""
+    from edgetrain.techniques.sparse_update import layers
+
+    return layers(structure_of(model, input_shape))
 
 
 def default_grid(n_convs: int) -> list[int]:
@@ -86,7 +101,7 @@ def weight_candidates(model: nn.Module, last: int) -> list[str]:
     depthwise and early layers contribute about nothing, specs §6.4)."""
     modules = dict(model.named_modules())
     convs = conv_names(model)[-last:]
-    return [c for c in convs if modules[c].groups == 1]
+    return [c for c in convs if getattr(modules[c], "groups", 1) == 1]
 
 
 def holdout_split(data, fraction: float = 0.2, max_holdout: int = 2000, seed: int = 0):
@@ -268,7 +283,7 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
     if precision == "int8":
         contribution = dataclasses.replace(contribution, weights={c: {r: g for r, g in d.items() if r >= 1}
                                                                   for c, d in contribution.weights.items()})
-    convs = conv_names(model)
+    convs = conv_names(model, input_shape)
     base = estimate(model, None, input_shape, batch_size, optimizer)  # shapes of every conv
     bias_memory = {k: estimate(model, SparseUpdate(bias_last_k=k), input_shape, batch_size, optimizer).train_bytes
                    for k in contribution.bias}
@@ -294,16 +309,20 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
 
 def format_plan(p: Plan, model: nn.Module) -> str:
     """Per-layer table (what is updated, precision, bytes) and the predicted total."""
-    from edgetrain.apply import classifier, under
+    from edgetrain.apply import under
     from edgetrain.techniques.sparse_update import bias_of, region
 
     t = p.predicted
     b = t.batch_size
     opt = OPT_COPIES[t.optimizer]
     cfg = p.recipe.techniques[0]
-    reg = region(model, cfg)
-    bias_rows = {b[0]: c for c in reg if (b := bias_of(model, c)) is not None}
-    head = classifier(model)
+    structure = structure_of(model, t.input_shape)
+    bias_rows = {}  # module holding the bias -> the layer it biases
+    for layer in region(structure, cfg):
+        bias = bias_of(structure, layer)
+        if bias is not None:
+            bias_rows[bias.rpartition(".")[0]] = layer
+    head = structure.classifier
     lines = [f"{'layer':30s} {'update':34s} {'precision':9s} {'trainable+grad+opt':>18s} {'saved':>11s}",
              "-" * 106]
     for name, row in t.layers.items():

@@ -51,6 +51,9 @@ class TechniqueInfo:
             when the trace sees everything (:mod:`edgetrain.cost`).
         traceable: what it saves is predicted by tracing a stand-in input (``False`` when it depends on the data).
         examples: configs the conformance suite applies to a tiny model.
+        example_model: ``fn(dtype) -> nn.Module`` building the small seeded model (inputs like
+            :func:`edgetrain.testing.tiny_batch`'s) the conformance suite applies the examples to; default
+            :func:`edgetrain.testing.tiny_model`. For techniques that only apply to some networks (binary nets).
     """
 
     config: type[Technique]
@@ -70,6 +73,7 @@ class TechniqueInfo:
     estimate: Callable[..., Any] | None = None
     traceable: bool = True
     examples: tuple[Technique, ...] = ()
+    example_model: Callable[[Any], nn.Module] | None = None
 
     @property
     def name(self) -> str:

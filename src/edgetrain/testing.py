@@ -50,6 +50,11 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyConvNet
     return model.to(dtype)
 
 
+def model_for(info, dtype: torch.dtype = torch.float32) -> nn.Module:  # noqa: ANN001
+    """The small seeded model the conformance suite applies a technique's examples to."""
+    return info.example_model(dtype) if info.example_model is not None else tiny_model(dtype=dtype)
+
+
 def tiny_batch(n: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)

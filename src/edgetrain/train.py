@@ -261,7 +261,8 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
         torch.set_num_threads(config.threads)
     spe = train_data.steps_per_epoch(config.batch_size)
     total = config.total_steps(spe)
-    handle = apply_(model, recipe)
+    first = next(iter(train_data.batches(config.batch_size, seed=config.seed, epoch=0)))[0]
+    handle = apply_(model, recipe, first)  # traced and checked on the first batch
     optimizer = build_optimizer(model, config)
     run = _Run(config, recipe)
     _seed_all(config.seed)

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from edgetrain.compress import GroupQuantCodec, IdentityCodec, SavedCompressor, masked_activation, quant_payload_bytes
-from edgetrain.compress.codec import hooked_forward
-from edgetrain.compress.masks import masked_forward
+from edgetrain.compress.codec import compress_scopes
 from edgetrain.errors import ConfigError
+from edgetrain.ops import Undo
 from edgetrain.measure import SavedTensorMeter
 
 
@@ -81,8 +81,10 @@ def test_compressor_dedupes_and_reports_payload_to_the_meter():
     a, b = nn.Linear(64, 64), nn.Linear(64, 64)
     comp = SavedCompressor(lambda: [*a.parameters(), *b.parameters()], min_bytes=1024)
     codec = GroupQuantCodec(2, 64)
-    a.forward = hooked_forward(a, comp, lambda: codec)
-    b.forward = hooked_forward(b, comp, lambda: codec)
+    undo = Undo()
+    comp.codec = codec
+    compress_scopes(a, comp, [""], undo)
+    compress_scopes(b, comp, [""], undo)
     x = torch.randn(32, 64, requires_grad=True)
     with SavedTensorMeter(exclude=[*a.parameters(), *b.parameters()]) as meter:
         out = a(x) + b(x)  # both layers save the same input x: encoded once
@@ -90,12 +92,14 @@ def test_compressor_dedupes_and_reports_payload_to_the_meter():
     assert meter.total_bytes == comp.payload_bytes == quant_payload_bytes((32, 64), 2, 64)
     out.sum().backward()
     assert a.weight.grad is not None and x.grad is not None
+    undo.remove()
+    assert not a._forward_pre_hooks and not a._forward_hooks
 
 
 def test_compressor_passes_small_tensors_and_parameters_through():
     lin = nn.Linear(8, 8)
-    comp = SavedCompressor(lambda: list(lin.parameters()), min_bytes=10**6)
-    lin.forward = hooked_forward(lin, comp, lambda: IdentityCodec())
+    comp = SavedCompressor(lambda: list(lin.parameters()), min_bytes=10**6, codec=IdentityCodec())
+    compress_scopes(lin, comp, [""], Undo())
     x = torch.randn(4, 8, requires_grad=True)
     with SavedTensorMeter(lin) as meter:
         lin(x).sum().backward()
@@ -129,5 +133,48 @@ def test_hardswish_step_mask_and_errors():
         masked_activation(x, "gelu")
     with pytest.raises(ConfigError, match="relu6_mode"):
         masked_activation(x, "relu6", relu6_mode="soft")
-    with pytest.raises(ConfigError, match="GELU: no 1-bit-mask backward"):
-        masked_forward(nn.GELU())
+
+
+
+@pytest.mark.parametrize("kind,lo,hi,slope", [("hardtanh", -1.0, 1.0, 0.0), ("leaky_relu", 0.0, 0.0, 0.1),
+                                              ("hardsigmoid", 0.0, 0.0, 0.0)])
+def test_exact_masks_gradcheck_and_equal_stock(kind, lo, hi, slope):
+    torch.manual_seed(0)
+    x = torch.randn(200, dtype=torch.float64) * 4
+    x = x[((x.abs() - 1).abs() > 1e-3) & (x.abs() > 1e-3) & ((x.abs() - 3).abs() > 1e-3)].requires_grad_()
+    fn = lambda t: masked_activation(t, kind, lo=lo, hi=hi, slope=slope)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    stock = {"hardtanh": lambda t: torch.nn.functional.hardtanh(t, lo, hi),
+             "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, slope),
+             "hardsigmoid": torch.nn.functional.hardsigmoid}[kind]
+    g = torch.randn(x.shape, dtype=torch.float64)
+    assert torch.equal(fn(x), stock(x))
+    assert torch.equal(torch.autograd.grad(fn(x), x, g)[0], torch.autograd.grad(stock(x), x, g)[0])
+
+
+def test_in_place_activation_keeps_in_place_semantics():
+    """``x.relu_()`` masked: the caller's tensor is changed, and gradients flow through the mask."""
+    from edgetrain.compress.masks import mask_ops
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h.relu_()  # in place, the return value ignored
+            return h * 2
+
+    torch.manual_seed(0)
+    m, x = M(), torch.randn(4, 8)
+    ref = m(x)
+    gref = torch.autograd.grad(ref.sum(), m.lin.weight)[0]
+    undo = Undo()
+    mask_ops(m, undo)
+    with SavedTensorMeter(m) as meter:
+        out = m(x)
+    assert undo.hits == 1 and torch.equal(out, ref)
+    assert torch.equal(torch.autograd.grad(out.sum(), m.lin.weight)[0], gref)
+    assert meter.total_bytes == x.numel() * 4 + 4  # the linear's input and the 32-bit mask (4 bytes)
+    undo.remove()

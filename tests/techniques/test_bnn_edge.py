@@ -27,7 +27,7 @@ def test_saved_memory_is_binary_and_state_is_fp16():
     opt = lambda m: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], eps=1e-4)  # noqa: E731
     std = measure(model, batch, optimizer=opt(model), repeats=1)
     edge_model = copy.deepcopy(model)
-    et.apply_(edge_model, BNNEdge())
+    et.apply_(edge_model, BNNEdge(), batch[0])
     edge = measure(edge_model, batch, optimizer=opt(edge_model), repeats=1)
     n, h = 100, 256
     # standard: first input, and per hidden layer the +-1 linear input, the BN input and the sign input (fp32)
@@ -45,7 +45,7 @@ def test_binary_layers_and_sign_match_the_standard_gradients():
     x = torch.randn(6, 20, dtype=torch.float64, requires_grad=True)
     ref = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()])
     edge = copy.deepcopy(model)
-    et.apply_(edge, BNNEdge(fp16_weights=False, fp16_grads=False))
+    et.apply_(edge, BNNEdge(fp16_weights=False, fp16_grads=False), x.detach())
     got = torch.autograd.grad(edge(x).square().sum(), [x, *edge.parameters()])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -57,7 +57,7 @@ def test_binary_conv_matches_the_standard_gradients():
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64).sign().requires_grad_()
     ref = torch.autograd.grad(conv(x).square().sum(), [x, conv.weight])
     edge = copy.deepcopy(conv)
-    et.apply_(nn.Sequential(edge), BNNEdge(fp16_weights=False, fp16_grads=False))
+    et.apply_(nn.Sequential(edge), BNNEdge(fp16_weights=False, fp16_grads=False), x.detach())
     got = torch.autograd.grad(edge(x).square().sum(), [x, edge.weight])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -90,7 +90,8 @@ def test_errors_and_defaults():
         BNNEdge(fp16_weights="yes")
     layer = BinaryLinear(4, 4)
     layer.bias = nn.Parameter(torch.zeros(4))
+    x = torch.randn(2, 4)
     with pytest.raises(et.ConfigError, match="has a bias"):
-        et.apply_(nn.Sequential(layer), BNNEdge())
-    with pytest.raises(et.ConfigError, match="select no"):
-        et.apply_(nn.Sequential(nn.Linear(4, 4)), BNNEdge(targets=["0"]))
+        et.apply_(nn.Sequential(layer), BNNEdge(), x)
+    with pytest.raises(et.ConfigError, match="not a binary network"):
+        et.apply_(nn.Sequential(nn.Linear(4, 4)), BNNEdge(targets=["0"]), x)

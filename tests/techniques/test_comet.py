@@ -76,5 +76,5 @@ def test_config_errors():
         Comet(eb_min=1.0, eb_max=0.1)
     with pytest.raises(et.ConfigError, match="Comet.update_every"):
         Comet(update_every=0)
-    with pytest.raises(et.ConfigError, match="select no"):
-        et.apply_(TinyConvNet(), Comet(targets=["pool"]))
+    with pytest.raises(et.ConfigError, match="Comet: found nothing to act on"):
+        et.apply_(TinyConvNet(), Comet(targets=["pool"]), torch.randn(2, 1, 8, 8))

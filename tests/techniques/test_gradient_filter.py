@@ -11,7 +11,7 @@ from torch import nn
 
 import edgetrain as et
 from edgetrain.measure import SavedTensorMeter, measure
-from edgetrain.techniques.gradient_filter import FilteredConv2d, estimate_conv, filtered_conv_forward, patch_geometry
+from edgetrain.techniques.gradient_filter import FilteredConv2d, estimate_conv, patch_geometry
 
 
 def slow_reference(x, w, b, stride, padding, groups, r, g, correct=False):
@@ -112,8 +112,8 @@ def _model(seed=0):
 def test_radius_1_technique_equals_plain_training_of_the_same_layers():
     x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
     a, b = _model(), _model()
-    et.apply_(a, et.GradientFilter(radius=1, last_n_convs=2))
-    et.apply_(b, et.Freeze(targets=["3", "6"]))  # same trainable convs, frozen BatchNorms, exact
+    et.apply_(a, et.GradientFilter(radius=1, last_n_convs=2), x)
+    et.apply_(b, et.Freeze(targets=["3", "6"]), x)  # same trainable convs, frozen BatchNorms, exact
     for m in (a, b):
         F.cross_entropy(m(x), y).backward()
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
@@ -124,7 +124,7 @@ def test_radius_1_technique_equals_plain_training_of_the_same_layers():
 
 def test_protocol_freezes_below_the_filtered_convs():
     m = _model()
-    et.apply_(m, et.GradientFilter(radius=2, last_n_convs=2))
+    et.apply_(m, et.GradientFilter(radius=2, last_n_convs=2), torch.randn(2, 3, 8, 8, dtype=torch.float64))
     trainable = sorted(n for n, p in m.named_parameters() if p.requires_grad)
     assert trainable == ["11.bias", "11.weight", "3.weight", "6.weight"]
 
@@ -132,7 +132,7 @@ def test_protocol_freezes_below_the_filtered_convs():
 def test_saved_bytes_match_the_estimate():
     m = _model().float()
     x = torch.randn(8, 3, 16, 16)
-    et.apply_(m, et.GradientFilter(radius=2, last_n_convs=2))
+    et.apply_(m, et.GradientFilter(radius=2, last_n_convs=2), x)
     with SavedTensorMeter(m) as meter:
         m(x)
     # conv "3": depthwise 3x3 stride 2 on (8, 8, 16, 16) -> 8x8 output; conv "6": 1x1 on (8, 8, 8, 8)
@@ -171,12 +171,13 @@ def test_bad_configs(kw, match):
 
 def test_unsupported_layers_are_clear_errors():
     m = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.Flatten(), nn.LazyLinear(2))
-    with pytest.raises(et.ConfigError, match="dilated convs"):
-        et.apply_(m, et.GradientFilter(last_n_convs=1))
-    with pytest.raises(et.ConfigError, match="last_n_convs: 5 > the model's 1 convs"):
-        et.apply_(m, et.GradientFilter(last_n_convs=5))
-    with pytest.raises(et.ConfigError, match="select no Conv2d"):
-        et.apply_(m, et.GradientFilter(targets=["1"]))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(et.ConfigError, match="dilated conv"):
+        et.apply_(m, et.GradientFilter(last_n_convs=1), x)
+    with pytest.raises(et.ConfigError, match="last_n_convs: 5 > the model's 1 conv2d layers"):
+        et.apply_(m, et.GradientFilter(last_n_convs=5), x)
+    with pytest.raises(et.ConfigError, match="select no conv2d layer"):
+        et.apply_(m, et.GradientFilter(targets=["1"]), x)
 
 
 def test_a_filtered_dense_3x3_conv_never_saves_more_than_a_plain_one():
@@ -185,9 +186,9 @@ def test_a_filtered_dense_3x3_conv_never_saves_more_than_a_plain_one():
     x = torch.randn(1, 64, 2, 2, requires_grad=True)
     with SavedTensorMeter(conv) as plain:  # parameters excluded in both
         conv(x)
-    fwd = filtered_conv_forward(conv, 4, False)
+    et.apply_(conv, et.GradientFilter(radius=4, last_n_convs=1, classifier=False), x.detach())
     with SavedTensorMeter(conv) as filt:
-        y = fwd(x)
+        y = conv(x)
     assert plain.total_bytes == 64 * 2 * 2 * 4
     assert filt.total_bytes == 64 * 4  # x̃: one patch per channel
     y.sum().backward()  # θ̃ from the weight in backward

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import edgetrain as et
 from edgetrain.cost import estimate
 from edgetrain.testing import model_state, tiny_batch, tiny_model
-from edgetrain.techniques.int8 import Int8Conv2d, dequantize_input, quantize_input
+from edgetrain.techniques.int8 import Int8Layer, dequantize_input, quantize_input
 
 
 def _ste_round(t):
@@ -33,7 +33,7 @@ def test_gradients_match_the_straight_through_reference(stride, padding, groups,
     scale = w.abs().amax((1, 2, 3)) / 127
     wbar = (w / scale.view(-1, 1, 1, 1)).requires_grad_()
     b = torch.randn(w.shape[0], dtype=torch.float64, requires_grad=True)
-    y = Int8Conv2d.apply(x, wbar, scale, b, (stride, stride), (padding, padding), (1, 1), groups, qas)
+    y = Int8Layer.apply(x, wbar, scale, b, ((stride, stride), (padding, padding), (1, 1), groups), qas)
     ref = _reference(x, wbar, scale, b, stride, padding, groups)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
@@ -45,6 +45,28 @@ def test_gradients_match_the_straight_through_reference(stride, padding, groups,
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("qas", [False, True])
+def test_linear_gradients_match_the_straight_through_reference(qas):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)  # (batch, tokens, features)
+    w = torch.randn(6, 8, dtype=torch.float64)
+    scale = w.abs().amax(1) / 127
+    wbar = (w / scale.view(-1, 1)).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    y = Int8Layer.apply(x, wbar, scale, b, None, qas)
+    q, s, z = quantize_input(x.detach())
+    x_hat = x + (dequantize_input(q, s, z, x.dtype) - x).detach()
+    ref = F.linear(x_hat, torch.clamp(_ste_round(wbar), -127, 127) * scale.view(-1, 1), b)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, wbar, b), g)
+    want = list(torch.autograd.grad(ref, (x, wbar, b), g))
+    if qas:
+        want[1] = want[1] / scale.view(-1, 1) ** 2
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
 def test_qas_restores_the_fp32_weight_gradient_scale():
     """With QAS, dL/dW̄ = dL/dW / s_W: one SGD step on W̄ moves W = s_W W̄ as fp32 SGD on W would."""
     torch.manual_seed(0)
@@ -52,7 +74,7 @@ def test_qas_restores_the_fp32_weight_gradient_scale():
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64) * 0.05
     scale = w.abs().amax((1, 2, 3)) / 127
     wbar = (w / scale.view(-1, 1, 1, 1)).requires_grad_()
-    y = Int8Conv2d.apply(x, wbar, scale, None, (1, 1), (1, 1), (1, 1), 1, True)
+    y = Int8Layer.apply(x, wbar, scale, None, ((1, 1), (1, 1), (1, 1), 1), True)
     (gq,) = torch.autograd.grad(y.square().sum(), wbar)
     wq = torch.clamp(torch.round(wbar.detach()), -127, 127) * scale.view(-1, 1, 1, 1)
     wq.requires_grad_()
@@ -101,9 +123,10 @@ def test_errors():
     with pytest.raises(et.ConfigError, match="qas: must be true/false"):
         et.Int8(qas="yes")
     m = tiny_model()
-    with pytest.raises(et.ConfigError, match="no trainable Conv2d"):
+    with pytest.raises(et.ConfigError, match="no trainable conv/linear layer"):
         et.apply_(m, [et.Freeze(), et.Int8()])
     with pytest.raises(et.ConfigError, match="already changed by another technique"):
         et.apply_(m, [et.SparseUpdate(bias_last_k=1, weights={"features.2.0": 0.5}), et.Int8(targets="features.2.0")])
-    with pytest.raises(et.ConfigError, match="select no Conv2d"):
-        et.apply_(m, et.Int8(targets="classifier"))
+    with pytest.raises(et.ConfigError, match="select no conv1d/conv2d/conv3d/linear layer"):
+        et.apply_(m, et.Int8(targets="pool"))
+    et.apply_(m, et.Int8(targets="classifier")).remove()  # a linear layer: int8 takes it (weight and input)

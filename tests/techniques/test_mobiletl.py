@@ -42,6 +42,9 @@ def _seeded(model: nn.Module, dtype=torch.float64) -> nn.Module:
     return model.to(dtype)
 
 
+X = torch.randn(2, 3, 16, 16)  # an example input: edgetrain traces the model's ops on it
+
+
 def _sum(out, y):
     return out.sum()  # saves nothing itself
 
@@ -67,7 +70,7 @@ def test_per_block_saved_bytes_match_the_irb_model(c):
 def test_exact_masks_give_exact_gradients():
     original = _seeded(SmallIRBNet())
     model = copy.deepcopy(original)
-    et.apply_(model, MobileTL(last_k_blocks=3))
+    et.apply_(model, MobileTL(last_k_blocks=3), X.double())
     ref = frozen_reference(original, model)  # frozen-scale BNs run on running statistics
     batch = (torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (4,)))
     loss, grads = step_grads(model, batch)
@@ -82,7 +85,7 @@ def test_exact_masks_give_exact_gradients():
 
 def test_top_k_freezes_lower_blocks():
     model = _seeded(SmallIRBNet(), torch.float32)
-    et.apply_(model, MobileTL(last_k_blocks=1))
+    et.apply_(model, MobileTL(last_k_blocks=1), X)
     _, grads = step_grads(model, (torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))))
     assert grads and all(n.startswith(("features.3", "classifier")) for n in grads)
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith(("features.0", "features.1")))
@@ -91,7 +94,7 @@ def test_top_k_freezes_lower_blocks():
 def test_step_mode_and_hardswish_are_approximate():
     original = _seeded(SmallIRBNet(act=nn.Hardswish), torch.float64)
     model = copy.deepcopy(original)
-    et.apply_(model, MobileTL(last_k_blocks=4))
+    et.apply_(model, MobileTL(last_k_blocks=4), X.double())
     ref = frozen_reference(original, model)
     batch = (torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (4,)))
     _, grads = step_grads(model, batch)
@@ -109,11 +112,11 @@ def test_errors_are_clear():
     with pytest.raises(et.ConfigError, match="MobileTL.last_k_blocks"):
         MobileTL(last_k_blocks=0)
     with pytest.raises(et.ConfigError, match="last_k_blocks: 9 > the model's 4 blocks"):
-        et.apply_(SmallIRBNet(), MobileTL(last_k_blocks=9))
+        et.apply_(SmallIRBNet(), MobileTL(last_k_blocks=9), X)
     gelu = SmallIRBNet(act=lambda inplace: nn.GELU())
-    with pytest.raises(et.ConfigError, match="features.0.2 is GELU; supported activations"):
-        et.apply_(gelu, MobileTL())
+    with pytest.raises(et.ConfigError, match="block 'features.0' calls gelu in features.0.2: no 1-bit-mask backward"):
+        et.apply_(gelu, MobileTL(), X)
     assert all(p.requires_grad for p in gelu.parameters())  # nothing changed on error
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(et.ConfigError, match="block '0' has no BatchNorm"):
-        et.apply_(mlp, MobileTL())
+    with pytest.raises(et.ConfigError, match="block '0' has no batch_norm op"):
+        et.apply_(mlp, MobileTL(), torch.randn(2, 4))

@@ -11,7 +11,7 @@ import edgetrain as et
 from edgetrain.cost import estimate
 from edgetrain.models import create_model
 from edgetrain.testing import frozen_reference, step_grads, tiny_batch, tiny_model
-from edgetrain.techniques.sparse_update import PartialWeightConv2d
+from edgetrain.techniques.sparse_update import PartialWeight
 
 
 @pytest.mark.parametrize("groups,ratio", [(1, 0.5), (1, 0.25), (8, 0.5)])
@@ -23,8 +23,18 @@ def test_partial_weight_conv_gradcheck(groups, ratio):
     keep = torch.tensor(sorted(torch.randperm(8)[:k].tolist()))
     part = (w.index_select(1 if groups == 1 else 0, keep) + 0.1).requires_grad_()
     b = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, part, b: PartialWeightConv2d.apply(x, w, part, keep, b, (2, 2), (1, 1), (1, 1), groups)  # noqa: E731
+    fn = lambda x, part, b: PartialWeight.apply(x, w, part, keep, b, ((2, 2), (1, 1), (1, 1), groups))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, part, b))
+
+
+def test_partial_weight_linear_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    keep = torch.tensor([1, 4, 6])
+    part = (w[:, keep] + 0.1).requires_grad_()
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, part, b: PartialWeight.apply(x, w, part, keep, b, None), (x, part, b))
 
 
 def test_gradients_equal_plain_pytorch_on_the_selected_slices():
@@ -100,11 +110,11 @@ def test_errors():
         et.SparseUpdate(bias_last_k=1, weights={"x": 1.5})
     with pytest.raises(et.ConfigError, match="nothing would train"):
         et.SparseUpdate(bias_last_k=0, classifier=False)
-    with pytest.raises(et.ConfigError, match="is not a Conv2d"):
+    with pytest.raises(et.ConfigError, match="is not a conv/linear layer"):
         et.apply_(tiny_model(), et.SparseUpdate(bias_last_k=1, weights={"classifier": 0.5}))
     with pytest.raises(et.ConfigError, match="lies below"):
         et.apply_(tiny_model(), et.SparseUpdate(bias_last_k=1, weights={"features.0.0": 0.5}))
-    with pytest.raises(et.ConfigError, match="> the model's 3 convs"):
+    with pytest.raises(et.ConfigError, match="> the model's 3 conv/linear layers"):
         et.apply_(tiny_model(), et.SparseUpdate(bias_last_k=4))
 
 

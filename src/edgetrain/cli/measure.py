@@ -31,9 +31,10 @@ def run(args: argparse.Namespace) -> int:
     wl, rec = workload(args), recipe(args)
     data = wl.load_data("train")
     model = wl.build_model(data.num_classes)
-    apply_(model, rec)
+    batch = wl.example_batch(data)
+    apply_(model, rec, batch[0])
     opt = build_optimizer(model, TrainConfig(steps=1, optimizer=args.optimizer, lr=args.lr))
-    m = measure(model, wl.example_batch(data), optimizer=opt, warmup=1, repeats=args.repeats)
+    m = measure(model, batch, optimizer=opt, warmup=1, repeats=args.repeats)
     if args.json:
         print(json.dumps({"recipe": rec.name, **m.to_dict()}, indent=2))
     else:

@@ -35,6 +35,8 @@ EXACT_OPS = ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "l
              "hardsigmoid_")
 STEP_OPS = ("hardswish", "hardswish_")  # approximate: 1[x > threshold] (MobileTL)
 RELU6_MODES = ("exact", "step")
+#: PyTorch's ``hardsigmoid_backward`` multiplies by 1/6 rounded to float32, in float64 too (measured, torch 2.13)
+_SIXTH = float(torch.tensor(1 / 6, dtype=torch.float32))
 #: kept for callers that list maskable module types (the masks act on ops, whatever module calls them)
 MASKABLE: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
 
@@ -74,7 +76,7 @@ class MaskedActivation(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(x)
         ctx.shape, ctx.slope = x.shape, slope if kind == "leaky_relu" else 0.0
-        ctx.gain = 1 / 6 if kind == "hardsigmoid" else 1.0
+        ctx.gain = _SIXTH if kind == "hardsigmoid" else 1.0
         ctx.save_for_backward(packed)
         return y
 
@@ -84,7 +86,7 @@ class MaskedActivation(torch.autograd.Function):
         mask = unpack_mask(packed, ctx.shape)  # same shape as grad, bool
         if ctx.slope:
             return torch.where(mask, grad, grad * ctx.slope), None, None, None, None, None, None, None
-        gx = grad * mask if ctx.gain == 1.0 else grad * mask * ctx.gain
+        gx = grad * mask if ctx.gain == 1.0 else grad * ctx.gain * mask
         return gx, None, None, None, None, None, None, None
 
 

@@ -122,7 +122,44 @@ def frozen_bn(frozen: Callable[[Call], bool]) -> Callable[[Call], object]:
     return handle
 
 
+def keep_batch_count(model: nn.Module, frozen: Callable[[str], bool], undo: Undo) -> set[str]:
+    """``nn.BatchNorm`` modules add 1 to ``num_batches_tracked`` in their own forward before calling ``batch_norm``;
+    for a frozen one (statistics not updated) the count is put back, so its state stays what it was. Returns the
+    set the handler adds a module's name to when it froze one of its calls."""
+    froze: set[str] = set()
+    for name, m in model.named_modules():
+        count = m._buffers.get("num_batches_tracked")
+        if count is None or not frozen(name):
+            continue
+        before: list[Tensor] = []
+        pre = m.register_forward_pre_hook(lambda *_, c=count, b=before: b.append(c.clone()))
+
+        def post(*_, c=count, b=before, n=name) -> None:
+            value = b.pop()
+            if n in froze:
+                froze.discard(n)
+                c.copy_(value)
+
+        hooks = (pre, m.register_forward_hook(post, always_call=True))
+        undo.add(lambda hooks=hooks: [h.remove() for h in hooks])
+    return froze
+
+
+def frozen_bn_ops(model: nn.Module, frozen: Callable[[str], bool], undo: Undo) -> None:
+    """The BatchNorm calls inside ``frozen`` modules (with a frozen scale) run on running statistics, save nothing
+    and leave the module's state as it was."""
+    froze = keep_batch_count(model, frozen, undo)
+
+    def frozen_call(call: Call) -> bool:
+        if frozen(call.module):
+            froze.add(call.module)
+            return True
+        return False
+
+    intercept(model, ("batch_norm",), frozen_bn(frozen_call), undo)
+
+
 def freeze_ops(model: nn.Module, frozen: Callable[[str], bool], undo: Undo) -> None:
     """Give the frozen convs (everywhere) and the BatchNorm calls inside ``frozen`` modules their no-save ops."""
     intercept(model, CONV_OPS, frozen_conv, undo)
-    intercept(model, ("batch_norm",), frozen_bn(lambda call: frozen(call.module)), undo)
+    frozen_bn_ops(model, frozen, undo)

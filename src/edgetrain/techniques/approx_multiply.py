@@ -93,7 +93,9 @@ def _apply(model: nn.Module, cfg: ApproxMultiply, targets: list[str], structure:
     lut = get_lut(cfg.model, cfg.mantissa_bits)
     modules = dict(model.named_modules())
     if not targets:
-        raise ConfigError(f"ApproxMultiply: {structure.model} has no linear or conv2d layer to simulate")
+        opaque = f" (only {', '.join(structure.opaque)}, read inside composite calls edgetrain cannot see into)" \
+            if structure.opaque else ""
+        raise ConfigError(f"ApproxMultiply: {structure.model} has no linear or conv2d layer to simulate{opaque}")
     for name in targets:
         _check_layer(name, modules[name])
     undo = Undo()

@@ -32,11 +32,10 @@ from torch import nn
 from edgetrain.apply import Undo, set_requires_grad, under
 from edgetrain.compress.masks import RELU6_MODES, mask_ops
 from edgetrain.errors import ConfigError
-from edgetrain.ops import intercept
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import ACTIVATION_OPS, Structure, base_op
 from edgetrain.technique import Technique, check
-from edgetrain.techniques._frozen import freeze_ops, frozen_bn
+from edgetrain.techniques._frozen import freeze_ops, frozen_bn_ops
 from edgetrain.techniques.freeze import head, last_blocks
 
 #: activation ops with a 1-bit-mask backward (exact, or MobileTL's step for Hardswish)
@@ -114,7 +113,7 @@ def _apply(model: nn.Module, cfg: MobileTL, targets: list[str], structure: Struc
     weights = [modules[bn].weight for bn in internal if getattr(modules[bn], "weight", None) is not None]
     set_requires_grad(weights, False, undo)  # internal BNs: frozen scale and statistics, trainable shift
     names = set(internal)
-    intercept(model, ("batch_norm",), frozen_bn(lambda call: call.module in names), undo)
+    frozen_bn_ops(model, lambda name: name in names, undo)
     mask_ops(model, undo, lambda name: under(name, tuned), threshold=float(cfg.act_threshold),
              relu6_mode=cfg.relu6_mode, step_hardswish=True)
     return undo
