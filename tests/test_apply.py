@@ -29,7 +29,7 @@ def test_target_of_wrong_layer_type_is_an_error():
 def test_blocks_and_classifier_come_from_the_ops():
     seq = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 4))
     s = analyze(seq, torch.randn(2, 2))
-    assert s.blocks == ["0", "2"] and s.classifier == "2"  # the ReLU has no parameters: not a block
+    assert s.blocks == ["0"] and s.classifier == "2"  # the ReLU has no parameters, the classifier is the head
     with pytest.raises(et.ConfigError, match="Freeze.classifier: Sequential has no linear op"):
         et.apply_(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.ReLU()), et.Freeze(),
                   torch.randn(2, 1, 2, 2)) if False else et.apply_(torch.nn.Sequential(torch.nn.BatchNorm1d(3)),

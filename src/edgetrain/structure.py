@@ -16,8 +16,8 @@ that log:
   branches inside a block do not). The block class is the module class, other than torch's containers
   (``Sequential``, ``ModuleList``, ``ModuleDict``), with the most instances (at least two) that are all cuts;
   blocks are then the units of the forward in call order at that level (containers and modules holding blocks
-  are descended into; modules with no parameters are skipped). Without such a class, the units of the
-  top-level containers;
+  are descended into; modules with no parameters are skipped; the classifier is the head, not a block). Without
+  such a class, the units of the top-level containers;
 * **opaque**: parameters read only by composite calls that edgetrain cannot see into
   (``F.multi_head_attention_forward``), so techniques that act on ``linear`` cannot reach them.
 
@@ -207,10 +207,16 @@ def _dependent(ops: list[OpRecord]) -> set[int]:
 
 
 def _children_in_call_order(model: nn.Module, name: str, first_call: dict[str, int]) -> list[tuple[str, nn.Module]]:
+    """Children that ran (or hold modules that ran: a ``ModuleList`` is never called itself), by first call."""
     mod = model.get_submodule(name) if name else model
     kids = [(f"{name}.{k}" if name else k, c) for k, c in mod.named_children()]
-    kids = [(n, c) for n, c in kids if n in first_call]
-    return sorted(kids, key=lambda kc: first_call[kc[0]])
+
+    def first(n: str) -> int | None:
+        hits = [i for m, i in first_call.items() if m == n or m.startswith(n + ".")]
+        return min(hits) if hits else None
+
+    order = [(first(n), n, c) for n, c in kids]
+    return [(n, c) for i, n, c in sorted((o for o in order if o[0] is not None), key=lambda o: o[0])]
 
 
 def _has_params(m: nn.Module) -> bool:
@@ -307,7 +313,7 @@ def analyze(model: nn.Module, inputs: Any, blocks: Sequence[str] | None = None,
     tracer = trace_ops(model, inputs)
     ops = tracer.ops
     call_order = []
-    for name, s, _ in sorted(tracer.calls, key=lambda c: c[1]):
+    for name, s, _ in sorted(tracer.calls, key=lambda c: (c[1], c[0].count(".") + bool(c[0]))):  # parents first
         if name not in call_order:
             call_order.append(name)
     layers = _layers(ops)
@@ -324,15 +330,19 @@ def analyze(model: nn.Module, inputs: Any, blocks: Sequence[str] | None = None,
                     opaque.setdefault(p.rpartition(".")[0], []).append(p)
     called = set(call_order)
     unused = [n for n, m in model.named_modules() if n and n not in called and any(True for _ in m.parameters(False))]
+    block_names: list[str] = []
     if blocks:
         block_names, source = _select(call_order, blocks, "blocks"), "recipe"
     elif getattr(model, "block_names", None):
         block_names, source = list(model.block_names), "model.block_names"
-    else:
-        block_names, source = derive_blocks(model, tracer)
     head = classifier or getattr(model, "classifier_name", None) or _classifier(layers, ops)
     if head is not None and head not in dict(model.named_modules()):
         raise ConfigError(f"classifier {head!r} is not a module of {type(model).__name__}")
+    if not block_names:
+        block_names, source = derive_blocks(model, tracer)
+        if head is not None:  # the classifier is the head, not a block (as in the built-in zoo's block_names)
+            kept = [b for b in block_names if not (b == head or head.startswith(b + ".") or b.startswith(head + "."))]
+            block_names = kept or block_names
     return Structure(type(model).__name__, ops, call_order, layers, acts, block_names, source, head, opaque, unused)
 
 
@@ -348,7 +358,7 @@ def format_structure(s: Structure) -> str:
     for name in s.call_order:
         if not name:
             continue
-        role = "block" if name in s.blocks else ("classifier" if name == s.classifier else "")
+        role = "classifier" if name == s.classifier else ("block" if name in s.blocks else "")
         lay = s.layers.get(name)
         act = s.activations.get(name, [])
         if not (role or lay or act or name in s.opaque):

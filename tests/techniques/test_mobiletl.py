@@ -118,5 +118,5 @@ def test_errors_are_clear():
         et.apply_(gelu, MobileTL(), X)
     assert all(p.requires_grad for p in gelu.parameters())  # nothing changed on error
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(et.ConfigError, match="block '0' has no batch_norm op"):
+    with pytest.raises(et.ConfigError, match="the tuned blocks \\['0'\\] have no batch_norm op"):
         et.apply_(mlp, MobileTL(), torch.randn(2, 4))

@@ -8,9 +8,11 @@ A :class:`Codec` turns a tensor into a :class:`Payload` (``encode``) and back (`
 around the forward of scope modules (:func:`compress_scopes`; the whole model by default), so every eligible
 tensor any op in scope saves is encoded at pack time and decoded at unpack time: functional ops, third-party
 activation classes and the ops of subclasses alike. An op handler (:mod:`edgetrain.ops`) can switch the codec for
-the tensors one op saves (:meth:`SavedCompressor.using`), e.g. more bits for normalisation inputs. Eligible: floating point, at least
-``min_bytes`` large, and not the storage of a parameter or buffer. Each unique storage view is encoded
-once (a tensor saved by two layers shares one payload). Because innermost saved-tensor hooks win in
+the tensors one op saves (:meth:`SavedCompressor.using`), e.g. more bits for normalisation inputs.
+
+Eligible: floating point, at least ``min_bytes`` large, and not the storage of a parameter or buffer. A payload
+that would not be smaller than the tensor's storage is dropped and the tensor kept as it is. Each unique storage
+view is encoded once (a tensor saved by two layers shares one payload). Because innermost saved-tensor hooks win in
 PyTorch, the meter's own hooks do not see these tensors, so the pack hook reports what it keeps alive with
 :func:`edgetrain.measure.account_saved`: the payload tensors, or the tensor itself when it passes through.
 """
@@ -145,6 +147,9 @@ class SavedCompressor:
         if payload is None:
             with torch.no_grad():
                 payload = codec.encode(t.detach())
+            if payload.nbytes >= t.untyped_storage().nbytes():  # incompressible (e.g. noise): never keep more
+                account_saved(t)
+                return t
             self._remember(t, key, payload)
             self.encoded_bytes += t.numel() * t.element_size()
             self.payload_bytes += payload.nbytes

@@ -80,7 +80,8 @@ def tuned_blocks(structure: Structure, cfg: MobileTL) -> list[str]:
 
 
 def block_norms(structure: Structure, block: str) -> list[str]:
-    """The BatchNorm layers a block's ``batch_norm`` ops use, in call order; refuses blocks MobileTL cannot take."""
+    """The BatchNorm layers a block's ``batch_norm`` ops use, in call order (a block without one, e.g. a final
+    conv, trains its convs plainly); refuses activations MobileTL cannot mask."""
     ops = [op for op in structure.ops if structure.within(op.module, [block])]
     bad = sorted({f"{op.name} in {op.module}" for op in ops
                   if base_op(op.name) in ACTIVATION_OPS and base_op(op.name) not in MASKED})
@@ -93,8 +94,6 @@ def block_norms(structure: Structure, block: str) -> list[str]:
             owner = op.params[0].rpartition(".")[0] if op.params else op.module
             if owner not in norms:
                 norms.append(owner)
-    if not norms:
-        raise ConfigError(f"MobileTL: block {block!r} has no batch_norm op; MobileTL needs conv-BN-activation blocks")
     return norms
 
 
@@ -102,7 +101,11 @@ def _apply(model: nn.Module, cfg: MobileTL, targets: list[str], structure: Struc
     modules = dict(model.named_modules())
     tuned = tuned_blocks(structure, cfg)
     roots = tuned + (head(structure, "MobileTL.classifier") if cfg.classifier else [])
-    internal = [bn for b in tuned for bn in block_norms(structure, b)[:-1]]  # validates before changing anything
+    norms = {b: block_norms(structure, b) for b in tuned}  # validates before changing anything
+    if not any(norms.values()):
+        raise ConfigError(f"MobileTL: the tuned blocks {tuned} have no batch_norm op; MobileTL needs conv-BN-"
+                          "activation blocks")
+    internal = [bn for b in tuned for bn in norms[b][:-1]]
     for bn in internal:
         if getattr(modules[bn], "running_mean", None) is None:
             raise ConfigError(f"MobileTL: {bn} has no running statistics (track_running_stats=False)")
