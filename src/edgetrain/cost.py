@@ -4,8 +4,8 @@ workspace bytes and MACs, predicted from two tiny traced forward passes (no back
 How it works:
 
 1. The recipe is applied (so ``requires_grad`` flags and the techniques' op handlers are what training would see)
-   and the model runs forward at the batch size asked for and at half of it (samples of the example input,
-   repeated if it has fewer), then the default loss, under the meter's saved-tensor hooks
+   and the model runs forward at the batch size asked for and at half of it (twice it below 4; samples of the
+   example input, repeated if it has fewer), then the default loss, under the meter's saved-tensor hooks
    (:class:`edgetrain.measure.SavedTensorMeter`).
    So what is counted is what autograd really keeps for backward, for any op and any module: functional calls,
    every attention backend PyTorch picks for the inputs given (the math path with a mask or dropout keeps its
@@ -213,12 +213,12 @@ def _rows(meter: SavedTensorMeter) -> tuple[dict[str, int], dict[str, bool]]:
 
 def trace_table(model: nn.Module, example: Any, batch_size: int, optimizer: str = "sgd_momentum") -> CostTable:
     """The rows of ``model`` as it stands (techniques already applied), traced on ``example`` (model inputs) at
-    the batch size itself and at half of it (twice it for batch 1)."""
+    the batch size itself and at half of it (twice it below batch 4: train-mode BatchNorm needs 2 samples)."""
     if optimizer not in OPT_COPIES:
         raise ConfigError(f"estimate: optimizer must be one of {sorted(OPT_COPIES)}, got {optimizer!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"estimate: batch_size must be >= 1, got {batch_size}")
-    a, b = (batch_size, 2 * batch_size) if batch_size < 2 else (batch_size // 2, batch_size)
+    a, b = (batch_size, 2 * batch_size) if batch_size < 4 else (batch_size // 2, batch_size)
     meter_a, rec_a, shapes = _trace(model, take(example, a))
     meter_b, _, _ = _trace(model, take(example, b))
     first = tensors(example)[0]

@@ -46,6 +46,9 @@ class TechniqueInfo:
         exact: gradients of the parameters it leaves trainable equal plain PyTorch's exactly (up to float
             rounding); lossy techniques set ``grad_tolerance`` instead.
         grad_tolerance: stated relative error bound for lossy techniques (conformance tests use it).
+        grad_cosine: the lowest cosine between its gradients and plain PyTorch's (same trainable set) that it states
+            for one training step of every model of the foreign zoo (:mod:`edgetrain.testing.zoo`, batch 4;
+            ``tests/test_zoo.py`` holds it). Exact techniques: 1.0, held to a relative error of 1e-4 in float32.
         estimate: ``estimate(table, cfg, targets, model, structure)``: corrects the traced cost table where the
             trace cannot see the technique's effect (e.g. backward multiply-adds of a changed backward); ``None``
             when the trace sees everything (:mod:`edgetrain.cost`).
@@ -70,6 +73,7 @@ class TechniqueInfo:
     loss_term: bool = False
     exact: bool = True
     grad_tolerance: float = 0.0
+    grad_cosine: float = 1.0
     estimate: Callable[..., Any] | None = None
     traceable: bool = True
     examples: tuple[Technique, ...] = ()

@@ -193,6 +193,7 @@ register(
         traceable=False,  # payload sizes depend on the data (Lorenzo residuals, escapes)
         exact=False,
         grad_tolerance=0.0,
+        grad_cosine=0.999,  # eb=1e-3 (measured > 0.9999)
         examples=(Comet(), Comet(eb=0.01, adaptive=False, compress_bn=False), Comet(eb=0.0, adaptive=False)),
     )
 )

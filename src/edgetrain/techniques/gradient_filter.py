@@ -257,6 +257,7 @@ register(
         conflicts=frozenset({"freeze", "bias_only"}),
         exact=False,
         grad_tolerance=0.0,
+        grad_cosine=0.95,  # r=2 on the last two convs (measured 0.99-1.0)
         examples=(GradientFilter(radius=2, last_n_convs=2), GradientFilter(radius=4, stride_correction=True)),
         estimate=estimate,
     )

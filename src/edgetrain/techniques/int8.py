@@ -205,6 +205,8 @@ register(
         forward_bound=lambda cfg: 0.1,  # per-tensor int8 inputs, per-channel int8 weights (measured on the zoo)
         exact=False,  # lossy by design: tests/techniques/test_int8.py checks it against a float64 reference
         grad_tolerance=0.0,
+        # per-tensor int8 inputs: measured 0.52 on EfficientNet (SiLU/SE activations), 0.91-1.0 elsewhere
+        grad_cosine=0.5,
         examples=(Int8(), Int8(qas=False)),
     )
 )

@@ -58,6 +58,10 @@ def _images(n: int, size: int = 32, classes: int = 10, seed: int = 1) -> tuple[T
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
+def _images64(n: int) -> tuple[Tensor, Tensor]:
+    return _images(n, 64)
+
+
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from edgetrain.models.foreign import import_timm
@@ -161,10 +165,13 @@ class FunctionalNet(nn.Module):
 
 
 ZOO: dict[str, ZooModel] = {z.name: z for z in (
-    ZooModel("efficientnet", _timm("tf_efficientnet_b0"), _images, "timm", "timm tf_efficientnet_b0 (Conv2dSame, SiLU, SE)"),
-    ZooModel("mobilenetv3", _timm("mobilenetv3_small_050"), _images, "timm",
-             "timm mobilenetv3_small_050 (hard-swish, SE)"),
-    ZooModel("resnet", _timm("resnet18"), _images, "timm", "timm resnet18"),
+    # ImageNet CNNs at 64 px: at 32 px their last stages are 1x1 maps whose train-mode BatchNorm over a few samples
+    # makes gradients ill-conditioned
+    ZooModel("efficientnet", _timm("tf_efficientnet_b0"), _images64, "timm",
+             "timm tf_efficientnet_b0 (Conv2dSame, SiLU, SE), 64 px"),
+    ZooModel("mobilenetv3", _timm("mobilenetv3_small_050"), _images64, "timm",
+             "timm mobilenetv3_small_050 (hard-swish, SE), 64 px"),
+    ZooModel("resnet", _timm("resnet18"), _images64, "timm", "timm resnet18, 64 px"),
     ZooModel("vit", _timm("vit_tiny_patch16_224", img_size=32, patch_size=8), _images, "timm",
              "timm vit_tiny at 32 px, 8 px patches (GELU, LayerNorm, SDPA)"),
     ZooModel("bert", _bert, _tokens, "transformers",
@@ -180,3 +187,137 @@ def available() -> list[str]:
     import importlib.util
 
     return [n for n, z in ZOO.items() if z.needs is None or importlib.util.find_spec(z.needs) is not None]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
+    """The config each registered technique is tried with on a zoo model (a function of the model's structure
+    where the config names layers). Every registered technique must have one (the zoo test checks)."""
+    from edgetrain.techniques import (ActNN, ApproxMultiply, BiasOnly, BNNEdge, Checkpoint, Comet, Freeze,
+                                      GradientFilter, Int8, MobileTL, SparseUpdate)
+    from edgetrain.techniques.sparse_update import layers
+
+    trained = layers(structure)
+    return {
+        "freeze": Freeze(last_k_blocks=2),
+        "bias_only": BiasOnly(),
+        "checkpoint": Checkpoint(),
+        "gradient_filter": GradientFilter(radius=2, last_n_convs=2),
+        "actnn": ActNN(),
+        "mobiletl": MobileTL(last_k_blocks=2),
+        "comet": Comet(eb=1e-3, adaptive=False),
+        "bnn_edge": BNNEdge(),
+        "sparse_update": SparseUpdate(bias_last_k=min(4, len(trained)), weights={trained[-1]: 0.5} if trained else {}),
+        "int8": Int8(),
+        # the simulated multiplier is slow on depthwise convs (one GEMM per group): the last two layers
+        "approx_multiply": ApproxMultiply(targets=[n for n in structure.layers_of(("linear", "conv2d"))][-2:] or None),
+    }
+
+
+def _grads(model: nn.Module, inputs: Any, target: Tensor, seed: int = 0) -> tuple[float, dict[str, Tensor]]:
+    from edgetrain.inputs import call_model
+    from edgetrain.measure import default_loss
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks for the technique and the reference
+    loss = default_loss(call_model(model, inputs), target)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _as_reference(model: nn.Module, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Gradients in the reference's terms: int8's dL/dW̄ times s_W is dL/dW (with QAS; the technique's scaling
+    shows as a cosine below 1 without it), a sparse update's ``weight_part`` is the kept slice of ``weight``."""
+    out = dict(grads)
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        scale = m._buffers.get("weight_scale")
+        if scale is not None and f"{prefix}weight" in out:
+            out[f"{prefix}weight"] = out[f"{prefix}weight"] * scale.view(-1, *([1] * (m.weight.dim() - 1)))
+        if f"{prefix}weight_part" in out:
+            out[f"{prefix}weight_part"] = out.pop(f"{prefix}weight_part")
+    return out
+
+
+def _compare(model: nn.Module, got: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, float]:
+    """(relative L2 error, cosine) of all trained gradients as one vector against the reference's."""
+    a, b = [], []
+    for name, g in got.items():
+        if name.endswith("weight_part"):
+            layer = model.get_submodule(name.rpartition(".")[0])
+            dim = 1 if g.shape[1] != layer.weight.shape[1] or layer.weight.shape[1] != 1 else 0
+            r = ref[name.replace("weight_part", "weight")].index_select(dim, layer.weight_keep)
+        else:
+            r = ref[name]
+        a.append(g.flatten().double())
+        b.append(r.flatten().double())
+    if not a:
+        return float("nan"), float("nan")
+    ga, gb = torch.cat(a), torch.cat(b)
+    err = float((ga - gb).norm() / gb.norm().clamp_min(1e-30))
+    cos = float(ga @ gb / (ga.norm() * gb.norm()).clamp_min(1e-30))
+    return err, cos
+
+
+def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | None = None) -> dict[str, Any]:
+    """Try one technique config on one zoo model; returns what happened and what was measured.
+
+    ``outcome`` is ``"works"`` (applied, checked by ``apply_``, trained one step, removed) or ``"refused"`` with
+    the one-line ``reason``. Measured: ``plain_saved`` / ``saved`` bytes (the meter's saved-tensor hooks, one
+    training forward), ``estimate`` (the cost model at the same batch, ``None`` without one), gradient
+    ``grad_error`` (relative L2) and ``grad_cosine`` against plain PyTorch with the technique's trainable set,
+    and whether ``remove()`` restored the model (``restored``).
+    """
+    import copy
+
+    import edgetrain as et
+    from edgetrain.cost import estimate
+    from edgetrain.inputs import call_model, tensors
+    from edgetrain.measure import SavedTensorMeter, default_loss
+    from edgetrain.registry import get
+    from edgetrain.testing import frozen_reference
+
+    original = model if model is not None else entry.build()
+    inputs, target = entry.batch(batch_size)
+    row: dict[str, Any] = {"model": entry.name, "technique": get(cfg).name, "config": cfg.to_dict()}
+    work = copy.deepcopy(original)
+    state = {k: v.clone() for k, v in work.state_dict().items()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in work.modules())
+    work.eval()
+    out_before = [t.detach() for t in tensors(call_model(work, inputs))]
+    work.train()
+    try:
+        handle = et.apply_(work, cfg, inputs)
+    except et.EdgetrainError as e:
+        return {**row, "outcome": "refused", "reason": str(e)}
+    row["outcome"] = "works"
+    with SavedTensorMeter(work) as meter:
+        out = call_model(work, inputs)
+        default_loss(out, target)
+    row["saved"] = meter.total_bytes
+    del out
+    _, got = _grads(work, inputs, target)
+    ref_model = frozen_reference(original, work)
+    for n, p in ref_model.named_parameters():  # a partial-weight layer's reference trains the whole weight
+        if f"{n.rpartition('.')[0]}.weight_part" in dict(work.named_parameters()) and n.endswith(".weight"):
+            p.requires_grad_(True)
+    _, ref = _grads(ref_model, inputs, target)
+    row["grad_error"], row["grad_cosine"] = _compare(work, _as_reference(work, got), ref)
+    handle.remove()
+    work.zero_grad(set_to_none=True)
+    after = work.state_dict()
+    same_state = all(torch.equal(after[k], v) for k, v in state.items() if "running" not in k and "num_batches" not in k)
+    work.load_state_dict(state)
+    work.eval()
+    same_out = all(torch.equal(a, b.detach()) for a, b in zip(out_before, tensors(call_model(work, inputs))))
+    same_hooks = hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in work.modules())
+    row["restored"] = bool(same_state and same_out and same_hooks and all(p.requires_grad for p in work.parameters()))
+    plain = copy.deepcopy(original)
+    with SavedTensorMeter(plain) as meter:
+        default_loss(call_model(plain, inputs), target)
+    row["plain_saved"] = meter.total_bytes
+    try:
+        row["estimate"] = estimate(copy.deepcopy(original), cfg, batch_size=batch_size, example=inputs).saved_bytes
+    except et.ConfigError:
+        row["estimate"] = None
+    return row
