@@ -38,6 +38,7 @@ class TechniqueInfo:
         default_targets: ``fn(model, structure) -> list[str]`` used when neither the config nor the recipe gives
             targets (default: every layer of ``layer_kinds``, or every module).
         looks_for: what it acts on, for the one-line error when it finds nothing in a model.
+        limits: one line on the models it refuses or cannot reach (``edgetrain ls`` prints it).
         forward_bound: ``fn(cfg) -> float``: the relative L2 change of the eval-mode output the technique may
             cause by design (0: lossless, checked to float rounding by :func:`edgetrain.apply_`).
         conflicts: names of techniques that cannot be combined with this one on the same module.
@@ -67,6 +68,7 @@ class TechniqueInfo:
     layer_kinds: frozenset[str] | None = None
     default_targets: Callable[[nn.Module, Any], list[str]] | None = None
     looks_for: str = "layers it supports"
+    limits: str = ""
     forward_bound: Callable[[Any], float] = lambda cfg: 0.0
     conflicts: frozenset[str] = frozenset()
     step_hook: bool = False

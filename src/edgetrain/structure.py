@@ -97,6 +97,14 @@ class Structure:
     opaque: dict[str, list[str]]  # module -> parameters read only inside opaque composite calls
     unused: list[str]  # modules with parameters never called in the traced forward
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data (``edgetrain inspect --json``): the derived structure without the op log."""
+        layers = [{"name": lay.name, "kind": lay.kind, "params": list(lay.params), "calls": lay.calls,
+                   "out_shape": list(lay.out_shape) if lay.out_shape else None} for lay in self.layers.values()]
+        return {"model": self.model, "blocks": list(self.blocks), "block_source": self.block_source,
+                "classifier": self.classifier, "layers": layers, "activations": dict(self.activations),
+                "opaque": dict(self.opaque), "unused": list(self.unused)}
+
     def layers_of(self, kinds: Sequence[str] | frozenset[str]) -> list[str]:
         return [n for n, lay in self.layers.items() if lay.kind in kinds]
 
@@ -368,10 +376,10 @@ def format_structure(s: Structure) -> str:
         acts = ", ".join(sorted(set(act)))
         depth = name.count(".")
         lines.append(f"{('  ' * min(depth, 6) + name):44.44s} {role:10s} {op:16s} {lay.calls if lay else '':>5} "
-                     f"{shape:>20s}  {acts}")
+                     f"{shape:>20s}  {acts}".rstrip())
     if s.activations.get(""):
         lines.append(f"{'(root forward)':44s} {'':10s} {'':16s} {'':>5} {'':>20s}  "
-                     f"{', '.join(sorted(set(s.activations[''])))}")
+                     f"{', '.join(sorted(set(s.activations[''])))}".rstrip())
     if s.opaque:
         lines.append("")
         lines.append("opaque (read inside composite calls edgetrain cannot see into; techniques acting on linear "

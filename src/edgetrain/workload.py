@@ -1,7 +1,10 @@
-"""A workload: model + data + batch, built the same way by ``train``, ``measure`` and ``bench``.
+"""A workload: model + data + batch, built the same way by ``train``, ``measure``, ``bench``, ``plan``,
+``estimate`` and ``inspect`` (the last two need only the model and its input shape, not the data).
 
 The standard works of DESIGN.md are workloads: T1 is ``Workload(model="mobilenet_v2", pretrained=True,
 data="fashion-mnist", image_size=64, channels=3, batch_size=32)``; T3 is the same on ``data="digits"``.
+A user's model is ``Workload(model="mypkg.nets:make_net", model_args={"width": 0.5}, weights="net.safetensors")``
+(see :mod:`edgetrain.models.foreign`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from edgetrain.errors import ConfigError
+from edgetrain.models.pretrained import WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,9 +24,12 @@ class Workload:
     """What to train on what.
 
     Args:
-        model: a name from :func:`edgetrain.models.list_models`.
+        model: a name from :func:`edgetrain.models.list_models`, ``timm:<name>`` or ``package.module:factory``.
+        model_args: keyword arguments of the model factory (``width_mult``, timm's ``in_chans``, your own).
+        weights: a ``.safetensors`` or ``.pt``/``.pth`` state dict loaded strictly into the model as built
+            (with the data's ``num_classes``).
         pretrained: start from the ImageNet weights (``mobilenet_v2`` only); the head is replaced by a
-            fresh ``num_classes``-way Linear.
+            fresh ``num_classes``-way Linear. ``None`` (the default): on for ``mobilenet_v2`` without ``weights``.
         data: ``None`` (Fashion-MNIST if installed, else scikit-learn digits), a dataset name or a path.
         image_size, channels: the model input (data are resized / channel-replicated to it).
         batch_size: training batch size (also the batch the meter measures).
@@ -31,7 +38,7 @@ class Workload:
     """
 
     model: str = "mobilenet_v2"
-    pretrained: bool = True
+    pretrained: bool | None = None
     data: str | None = None
     image_size: int = 64
     channels: int = 3
@@ -39,8 +46,22 @@ class Workload:
     train_subset: int | None = None
     eval_subset: int | None = None
     seed: int = 0
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weights: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
+            raise ConfigError(f"Workload.model_args: must be a mapping of argument names, got {self.model_args!r}")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ConfigError(f"Workload.weights: must be a file name or null, got {self.weights!r}")
+        if self.pretrained is None:  # frozen: resolve the default in place
+            object.__setattr__(self, "pretrained", self.model == "mobilenet_v2" and self.weights is None)
+        if self.pretrained and self.model not in WEIGHTS:
+            raise ConfigError(f"model {self.model!r}: pretrained weights exist only for "
+                              f"{', '.join(sorted(WEIGHTS))}; pass --weights FILE")
+        if self.pretrained and self.weights is not None:
+            raise ConfigError(f"Workload: pretrained and weights {self.weights!r} exclude each other "
+                              "(--weights replaces the ImageNet weights; add --no-pretrained)")
         for f in ("image_size", "channels", "batch_size"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 raise ConfigError(f"Workload.{f}: must be a positive int, got {getattr(self, f)!r}")
@@ -76,13 +97,25 @@ class Workload:
         return data
 
     def build_model(self, num_classes: int) -> nn.Module:
-        """A fresh model, seeded: the same weights every call."""
-        from edgetrain.models import create_model, load_pretrained
+        """A fresh model, seeded: the same weights every call; ``weights`` loaded strictly."""
+        from edgetrain.models import create_model, load_pretrained, load_weights
 
         torch.manual_seed(self.seed)
         if self.pretrained:
-            return load_pretrained(self.model, num_classes=num_classes)
-        return create_model(self.model, num_classes=num_classes, in_channels=self.channels)
+            return load_pretrained(self.model, num_classes=num_classes, **self.model_args)
+        model = create_model(self.model, num_classes=num_classes, in_channels=self.channels,
+                             image_size=self.image_size, **self.model_args)
+        if self.weights is not None:
+            load_weights(model, self.weights)
+        return model
+
+    def example_input(self, zeros: bool = False) -> Tensor:
+        """Two samples of the model input, ``(2, channels, image_size, image_size)``: seeded normal noise, or
+        zeros (all the cost model needs is the shape). No data are loaded."""
+        shape = (2, self.channels, self.image_size, self.image_size)  # (N, C, H, W)
+        if zeros:
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))
 
     def example_batch(self, data) -> tuple[Tensor, Tensor]:
         """The first training batch of epoch 0 (what ``measure`` measures)."""

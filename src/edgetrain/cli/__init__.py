@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from edgetrain import __version__
-from edgetrain.cli import bench, estimate, ls, measure, plan, train
+from edgetrain.cli import bench, estimate, inspect, ls, measure, plan, train
 from edgetrain.errors import EdgetrainError
 
-VERBS = {"train": train, "measure": measure, "estimate": estimate, "plan": plan, "bench": bench, "ls": ls}
+VERBS = {"train": train, "measure": measure, "estimate": estimate, "plan": plan, "bench": bench, "inspect": inspect,
+         "ls": ls}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,3 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgetrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`: quiet, as the Python docs advise ("Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

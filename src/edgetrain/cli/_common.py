@@ -1,23 +1,41 @@
-"""Arguments shared by the verbs that build a workload (train, measure)."""
+"""Arguments shared by the verbs that build a workload (train, measure, plan: model and data; estimate, inspect:
+the model and its input shape only)."""
 
 from __future__ import annotations
 
 import argparse
 
+from edgetrain.models import list_models
+from edgetrain.models.foreign import parse_args
 from edgetrain.recipe import Recipe
 from edgetrain.workload import Workload
 
 
+def add_model_args(g, *, pretrained: bool = True) -> None:  # noqa: ANN001  (a parser or an argument group)
+    """``--model``, ``--model-arg``, ``--weights`` (``--pretrained`` with ``pretrained``), ``--image-size``,
+    ``--channels``."""
+    g.add_argument("--model", default="mobilenet_v2",
+                   help=f"a built-in model ({', '.join(list_models())}; default mobilenet_v2), timm:<name> or your "
+                   "own package.module:factory (importable: on PYTHONPATH or installed)")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument of the model factory or timm.create_model, repeatable; values are read "
+                   "as YAML scalars (0.5, true, relu)")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="load a state dict (.safetensors, .pt, .pth) strictly into the model as built")
+    if pretrained:
+        g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="start from ImageNet weights (mobilenet_v2 only; default: on for mobilenet_v2 without "
+                       "--weights)")
+    g.add_argument("--image-size", type=int, default=64, help="model input size (default 64)")
+    g.add_argument("--channels", type=int, default=3, help="model input channels (default 3)")
+
+
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--model", default="mobilenet_v2", help="model name (see edgetrain.models.list_models())")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="start from ImageNet weights (default: on for mobilenet_v2, off otherwise)")
+    add_model_args(g)
     g.add_argument("--data", default=None,
                    help="dataset name (fashion-mnist, digits), IDX/ImageFolder directory or .npz file "
                    "(default: Fashion-MNIST if installed, else digits)")
-    g.add_argument("--image-size", type=int, default=64, help="model input size (default 64)")
-    g.add_argument("--channels", type=int, default=3, help="model input channels (default 3)")
     g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     g.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of N training images")
     g.add_argument("--eval-subset", type=int, default=None, help="use a fixed random subset of N test images")
@@ -27,10 +45,13 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def workload(args: argparse.Namespace) -> Workload:
-    pretrained = args.pretrained if args.pretrained is not None else args.model == "mobilenet_v2"
-    return Workload(model=args.model, pretrained=pretrained, data=args.data, image_size=args.image_size,
-                    channels=args.channels, batch_size=args.batch_size, train_subset=args.train_subset,
-                    eval_subset=args.eval_subset, seed=args.seed)
+    """The workload of the parsed arguments; options a verb does not have take their defaults (no
+    ``--pretrained``: off)."""
+    return Workload(model=args.model, model_args=parse_args(args.model_arg), weights=args.weights,
+                    pretrained=getattr(args, "pretrained", False), data=getattr(args, "data", None),
+                    image_size=args.image_size, channels=args.channels, batch_size=getattr(args, "batch_size", 32),
+                    train_subset=getattr(args, "train_subset", None), eval_subset=getattr(args, "eval_subset", None),
+                    seed=getattr(args, "seed", 0))
 
 
 def recipe(args: argparse.Namespace) -> Recipe:

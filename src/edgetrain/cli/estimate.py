@@ -7,17 +7,15 @@ import json
 
 import torch
 
-from edgetrain.cli._common import recipe
+from edgetrain.cli._common import add_model_args, recipe, workload
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="predict a training step's memory per layer (no training)",
                        description="Predict weight, gradient, optimizer-state, saved-activation and workspace bytes "
                        "and MACs per layer from traced forward passes (shapes only; no backward, no data).")
-    p.add_argument("--model", default="mobilenet_v2", help="model name (default mobilenet_v2)")
+    add_model_args(p.add_argument_group("model"), pretrained=False)
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
-    p.add_argument("--image-size", type=int, default=64, help="input size (default 64)")
-    p.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adamw"], default="sgd_momentum",
                    help="optimizer state: none, momentum (default) or Adam's two moments")
@@ -28,17 +26,16 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgetrain.cost import estimate, format_table
-    from edgetrain.models import create_model
 
     torch.set_num_threads(args.threads)
-    model = create_model(args.model, num_classes=args.num_classes, in_channels=args.channels,
-                         image_size=args.image_size)
-    table = estimate(model, recipe(args), (args.channels, args.image_size, args.image_size), args.batch_size,
-                     args.optimizer)
+    wl, rec = workload(args), recipe(args)
+    model = wl.build_model(args.num_classes)
+    table = estimate(model, rec, batch_size=wl.batch_size, optimizer=args.optimizer,
+                     example=wl.example_input(zeros=True))
     if args.json:
         print(json.dumps(table.to_dict(), indent=2))
     else:
-        print(f"{args.model}, input {args.channels}x{args.image_size}x{args.image_size}, recipe "
-              f"{recipe(args).name!r} (estimate, not a measurement; `edgetrain measure` measures)")
+        print(f"{wl.model}, input {wl.channels}x{wl.image_size}x{wl.image_size}, recipe {rec.name!r} (estimate, "
+              "not a measurement; `edgetrain measure` measures)")
         print(format_table(table))
     return 0

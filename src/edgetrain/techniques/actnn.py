@@ -3,15 +3,15 @@
 Chen, Zheng, Li, Mahoney, Stoica, Gonzalez, *ActNN: Reducing Training Memory Footprint via 2-Bit
 Activation Compressed Training*, ICML 2021, arXiv:2104.14129 (official code ``ucbrise/actnn``).
 
-Every floating-point tensor that an op inside the targeted modules (default: the whole model) saves for backward
-is quantised per group of 256 elements (min/max in bfloat16) to ``bits`` bits with unbiased stochastic rounding,
-bit-packed, and dequantised in backward (:class:`edgetrain.compress.GroupQuantCodec`): convs, linears, norms,
-GELU/SiLU/any activation, attention, functional calls included, whatever module class makes them. What
-normalisation ops (batch/layer/group/RMS norm), softmax / attention and activations without an exact mask (GELU,
-SiLU, sigmoid, Hardswish, ...) save uses ``norm_bits`` (default 8): with 2-bit BatchNorm inputs, T1 fine-tuning of
-MobileNetV2 diverged to NaN within 20 steps (measured), attention probabilities pass their error to every token,
-and a nonlinear derivative of a 2-bit input is biased (on the foreign zoo's EfficientNet the gradient cosine to
-plain PyTorch fell to 0.12 with 2-bit SiLU inputs; docs/techniques.md). ReLU, ReLU6, hardtanh and LeakyReLU calls instead save a packed
+Every floating-point tensor that an op inside the targeted modules (default: the whole model) saves for backward is
+quantised per group of 256 elements (min/max in bfloat16) to ``bits`` bits with unbiased stochastic rounding, bit-
+packed, and dequantised in backward (:class:`edgetrain.compress.GroupQuantCodec`): convs, linears, norms,
+GELU/SiLU/any activation, attention, functional calls included, whatever module class makes them. What normalisation
+ops (batch/layer/group/RMS norm), softmax / attention and activations without an exact mask (GELU, SiLU, sigmoid,
+Hardswish, ...) save uses ``norm_bits`` (default 8): with 2-bit BatchNorm inputs, T1 fine-tuning of MobileNetV2
+diverged to NaN within 20 steps (measured), attention probabilities pass their error to every token, and a nonlinear
+derivative of a 2-bit input is biased (on the foreign zoo's EfficientNet the gradient cosine to plain PyTorch fell
+to 0.12 with 2-bit SiLU inputs; docs/techniques.md). ReLU, ReLU6, hardtanh and LeakyReLU calls instead save a packed
 1-bit mask, which is exact, and dropout keeps its mask as packed bits. Parameters are never quantised; forward
 values are unchanged. Not combinable with ``checkpoint`` (its recomputation needs its own saved-tensor hooks).
 
@@ -136,6 +136,7 @@ register(
         reduces=frozenset({"activations"}),
         default_targets=lambda model, structure: [""],
         looks_for="saved floating-point activations",
+        limits='not with checkpoint (its recomputation needs its own saved-tensor hooks)',
         conflicts=frozenset({"checkpoint"}),
         exact=False,
         grad_tolerance=0.0,

@@ -114,6 +114,7 @@ register(
         reduces=frozenset({"compute"}),  # of the simulated hardware multiplier, not of the CPU (module docstring)
         layer_kinds=frozenset({"linear", "conv2d"}),
         looks_for="linear or conv2d layers",
+        limits='float32 weights; slow on grouped convs (one GEMM per group)',
         forward_bound=lambda cfg: 0.5,  # a simulated multiplier changes every product (docs/approx.md)
         exact=False,
         grad_tolerance=0.0,  # float64 conformance does not apply (fp32 format); reference tests in tests/approx/

@@ -6,13 +6,12 @@ the bias gradient does not (dL/db = sum of dL/dy), so freezing weights and train
 largest part of training memory. This file implements the bias-only part (not TinyTL's lite residual
 modules).
 
-What is stored for backward: frozen convs save nothing (:class:`._frozen.FrozenWeightConv`; stock
-PyTorch would save each conv input), BatchNorms become the affine map ``x * s + t`` with frozen
-statistics and scale (nothing saved; their ``beta`` trains), Linear layers with frozen weights save
-nothing (stock ``addmm``). The layers are those whose ops read a bias (any conv, linear or norm op, whatever
-the module's class: :mod:`edgetrain.structure`). ReLU-like activations still save their full fp32 output: TinyTL's 1-bit masks
-for them belong to the activation-compression techniques.
-"""
+What is stored for backward: frozen convs save nothing (:class:`._frozen.FrozenWeightConv`; stock PyTorch would save
+each conv input), BatchNorms become the affine map ``x * s + t`` with frozen statistics and scale (nothing saved;
+their ``beta`` trains), Linear layers with frozen weights save nothing (stock ``addmm``). The layers are those whose
+ops read a bias (any conv, linear or norm op, whatever the module's class: :mod:`edgetrain.structure`). ReLU-like
+activations still save their full fp32 output: TinyTL's 1-bit masks for them belong to the activation-compression
+techniques."""
 
 from __future__ import annotations
 

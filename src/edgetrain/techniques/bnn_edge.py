@@ -291,6 +291,7 @@ register(
         default_targets=lambda model, structure: [n for n, m in model.named_modules() if n and isinstance(
             m, (BinaryLinear, BinaryConv2d, SignActivation, nn.BatchNorm1d, nn.BatchNorm2d))],
         looks_for="edgetrain binary layers (BinaryLinear, BinaryConv2d)",
+        limits='refuses any model not built from its binary layers',
         forward_bound=lambda cfg: math.inf,  # l1 BatchNorm changes the function by design: shapes, finiteness checked
         exact=False,
         grad_tolerance=0.0,

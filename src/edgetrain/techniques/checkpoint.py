@@ -91,6 +91,7 @@ register(
         reduces=frozenset({"activations"}),
         default_targets=lambda model, structure: list(structure.blocks),
         looks_for="blocks that run in the forward",
+        limits='not with actnn/comet',
         examples=(Checkpoint(),),
     )
 )

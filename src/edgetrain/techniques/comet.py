@@ -189,6 +189,7 @@ register(
         reduces=frozenset({"activations"}),
         default_targets=lambda model, structure: [""],
         looks_for="saved floating-point activations",
+        limits='no cost model (payload sizes depend on the data); not with checkpoint',
         conflicts=frozenset({"checkpoint"}),
         traceable=False,  # payload sizes depend on the data (Lorenzo residuals, escapes)
         exact=False,

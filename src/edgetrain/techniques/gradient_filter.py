@@ -254,6 +254,7 @@ register(
         layer_kinds=frozenset({"conv2d"}),
         default_targets=lambda model, structure: [],
         looks_for="conv2d layers",
+        limits='refuses models without conv2d layers (transformers, Conv1d nets)',
         conflicts=frozenset({"freeze", "bias_only"}),
         exact=False,
         grad_tolerance=0.0,

@@ -202,6 +202,7 @@ register(
         layer_kinds=KINDS,
         default_targets=default_targets,
         looks_for="conv/linear layers whose weights train",
+        limits="not layers already sliced by sparse_update; addmm layers (transformers' Conv1D) are not reached",
         forward_bound=lambda cfg: 0.1,  # per-tensor int8 inputs, per-channel int8 weights (measured on the zoo)
         exact=False,  # lossy by design: tests/techniques/test_int8.py checks it against a float64 reference
         grad_tolerance=0.0,

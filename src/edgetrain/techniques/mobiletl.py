@@ -143,6 +143,8 @@ register(
         reduces=frozenset({"activations", "grads", "optimizer", "compute"}),
         default_targets=lambda model, structure: [],
         looks_for="blocks with BatchNorm and maskable activations",
+        limits="needs BatchNorm blocks whose activations have a 1-bit mask (ReLU family, hard-swish/-sigmoid); "
+               "refuses GELU/SiLU/tanh (transformers, EfficientNet)",
         conflicts=frozenset({"freeze", "bias_only"}),
         exact=False,
         grad_tolerance=0.0,

@@ -71,7 +71,8 @@ class SparseUpdate(Technique):
         cls = SparseUpdate
         check(isinstance(self.bias_last_k, int) and self.bias_last_k >= 0, cls, "bias_last_k",
               f"must be an int >= 0, got {self.bias_last_k!r}")
-        check(isinstance(self.weights, dict), cls, "weights", f"must be a mapping layer name -> ratio, got {self.weights!r}")
+        check(isinstance(self.weights, dict), cls, "weights",
+              f"must be a mapping layer name -> ratio, got {self.weights!r}")
         for k, r in self.weights.items():
             check(isinstance(k, str) and isinstance(r, (int, float)) and 0 < r <= 1, cls, "weights",
                   f"{k!r}: ratio must be in (0, 1], got {r!r}")
@@ -265,12 +266,15 @@ register(
         reduces=frozenset({"activations", "grads", "optimizer", "compute"}),
         default_targets=lambda model, structure: [],
         looks_for="conv/linear layers",
+        limits="addmm layers (transformers' Conv1D) and weights read inside nn.MultiheadAttention are "
+               "not reached",
         conflicts=frozenset({"freeze", "bias_only", "gradient_filter", "mobiletl"}),
         # exact, but the trained slices are new parameters (weight_part) the generic reference cannot name:
         # tests/techniques/test_sparse_update.py checks every gradient against plain PyTorch in float64
         exact=False,
         grad_tolerance=0.0,
-        examples=(SparseUpdate(bias_last_k=2), SparseUpdate(bias_last_k=3, weights={"features.2.0": 0.5, "features.1.0": 0.5}),
+        examples=(SparseUpdate(bias_last_k=2),
+                  SparseUpdate(bias_last_k=3, weights={"features.2.0": 0.5, "features.1.0": 0.5}),
                   SparseUpdate(bias_last_k=0, classifier=True)),
     )
 )

@@ -306,7 +306,8 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
     handle.remove()
     work.zero_grad(set_to_none=True)
     after = work.state_dict()
-    same_state = all(torch.equal(after[k], v) for k, v in state.items() if "running" not in k and "num_batches" not in k)
+    moving = ("running", "num_batches")  # BatchNorm statistics move in the training step
+    same_state = all(torch.equal(after[k], v) for k, v in state.items() if not any(m in k for m in moving))
     work.load_state_dict(state)
     work.eval()
     same_out = all(torch.equal(a, b.detach()) for a, b in zip(out_before, tensors(call_model(work, inputs))))
