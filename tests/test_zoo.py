@@ -54,7 +54,7 @@ def test_technique_works_or_refuses_in_one_line(name, technique):
     else:
         assert row["grad_cosine"] >= info.grad_cosine, row
     if row["estimate"] is not None:
-        assert abs(row["estimate"] - row["saved"]) <= 0.10 * row["saved"], row
+        assert row["estimate"] == row["saved"], row  # the bar is 10%; at the traced batch it is exact
 
 
 @pytest.mark.parametrize("name", MODELS)
