@@ -76,3 +76,63 @@ def test_bias_only_trains_biases_and_classifier():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"features.0.1.bias", "features.1.1.bias", "features.2.1.bias", "classifier.weight",
                          "classifier.bias"}
+
+
+def _registered(info):
+    """Register a throwaway technique for one test (the registry is global)."""
+    from edgetrain import registry
+
+    registry.register(info)
+    return lambda: registry._REGISTRY.pop(info.name)
+
+
+def test_a_technique_that_changes_the_output_is_refused_and_undone():
+    """apply_'s probe check: a lossless technique that changes what the model computes does not apply."""
+    import dataclasses
+
+    from edgetrain.ops import Undo, intercept
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Doubler(et.Technique):
+        name = "doubler_for_test"
+
+    def apply(model, cfg, targets, structure):
+        undo = Undo()
+        intercept(model, ("linear",), lambda call: call.proceed() * 2, undo)  # a wrong "lossless" rewrite
+        return undo
+
+    unregister = _registered(et.TechniqueInfo(config=Doubler, apply=apply, summary="x", paper="x",
+                                              reduces=frozenset({"compute"})))
+    try:
+        model = tiny_model().eval()
+        x = tiny_batch()[0]
+        before = model(x)
+        with pytest.raises(et.ConfigError, match="changes what TinyConvNet computes in eval mode .* is lossless"):
+            et.apply_(model, Doubler())
+        assert torch.equal(model(x), before)  # undone: the handler is gone
+    finally:
+        unregister()
+
+
+def test_a_technique_that_does_nothing_is_refused():
+    import dataclasses
+
+    from edgetrain.ops import Undo, intercept
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Idle(et.Technique):
+        name = "idle_for_test"
+
+    def apply(model, cfg, targets, structure):
+        undo = Undo()
+        intercept(model, ("embedding",), lambda call: call.proceed(), undo)  # TinyConvNet has no embedding
+        return undo
+
+    unregister = _registered(et.TechniqueInfo(config=Idle, apply=apply, summary="x", paper="x",
+                                              reduces=frozenset({"compute"}), looks_for="embedding layers"))
+    try:
+        with pytest.raises(et.ConfigError, match="Idle: found nothing to act on in TinyConvNet \\(it looks for "
+                                                 "embedding layers\\)"):
+            et.apply_(tiny_model(), Idle())
+    finally:
+        unregister()

@@ -49,6 +49,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def matrix(rows: list[dict]) -> str:
+    """Technique x model: ``saved ×plain / peak ×plain``, or ``refused`` (docs/techniques.md)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    techniques = list(dict.fromkeys(r["technique"] for r in rows))
+    cell = {(r["technique"], r["model"]): r for r in rows}
+    lines = ["| technique | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for t in techniques:
+        out = []
+        for m in models:
+            r = cell[(t, m)]
+            out.append("refused" if r["outcome"] == "refused" else
+                       f"{r['saved'] / r['plain_saved']:.3f} / {r['peak'] / r['plain_peak']:.2f}")
+        lines.append(f"| {t} | " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
@@ -77,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:12s} {technique:16s} {row['outcome']}", file=sys.stderr, flush=True)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     paths[0].write_text(json.dumps({"provenance": prov, "rows": rows}, indent=2) + "\n")
-    paths[2].write_text(table(rows) + "\n")
+    paths[2].write_text(matrix(rows) + "\n\n" + table(rows) + "\n")
     print(paths[0], paths[2], sep="\n")
     return 0
 
