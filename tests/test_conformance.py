@@ -52,10 +52,15 @@ def test_apply_then_remove_restores_the_model(info, cfg):
     assert after["requires_grad"] == before["requires_grad"]
     assert after["patched"] == before["patched"] == []
     assert after["training"] == before["training"]
-    # BatchNorm running stats may move in the one training step; parameters must not (no optimizer step).
+    # BatchNorm running stats may move in the one training step; parameters must not (no optimizer step), beyond
+    # the rounding a technique states when it keeps no copy of the originals (int8 W/s·s, fp16 weights)
+    tol = info.remove_tolerance
     for k, v in before["state"].items():
         if "running" not in k and "num_batches" not in k:
-            assert torch.equal(after["state"][k], v), k
+            if tol:
+                torch.testing.assert_close(after["state"][k], v, rtol=tol, atol=tol * float(v.abs().max()), msg=k)
+            else:
+                assert torch.equal(after["state"][k], v), k
     model.load_state_dict(before["state"])
     model.eval()
     assert torch.equal(model(x), out_before)

@@ -138,3 +138,35 @@ def test_bnn_edge_estimate_on_the_binary_mlp(cfg):
     model = binary_mlp(hidden=64, depth=2)
     recipe = {None: None, "fp16": BNNEdge(), "fp32": BNNEdge(fp16_weights=False, fp16_grads=False)}[cfg]
     _check(model, (torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))), recipe)
+
+
+# --------------------------------------------------------------------------- the peak
+BUILT_IN = [("mobilenet_v2", (3, 64, 64), {"width_mult": 0.35}),  # 64 px: a 2x2 last map (batch 1 trains) ("small_cnn", (1, 28, 28), {"in_channels": 1}),
+            ("mcunet_tiny", (3, 32, 32), {}), ("resnet18", (3, 16, 16), {"small_input": True}),
+            ("tiny_transformer", (3, 32, 32), {"image_size": 32})]
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("name,shape,kw", BUILT_IN, ids=[b[0] for b in BUILT_IN])
+def test_peak_estimate_within_10_percent_on_every_built_in_model(name, shape, kw, batch):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, **kw)
+    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+    for recipe in (None, et.Freeze(last_k_blocks=2)):
+        table = estimate(model, recipe, batch_size=batch, example=x, peak=True)
+        m = et.measure(model, (x, y), recipe=recipe, warmup=1, repeats=1)
+        assert abs(table.peak.bytes - m.peak_bytes) <= 0.10 * m.peak_bytes, (recipe, table.peak, m.peak_bytes)
+        if batch == 1:  # measured at the batch itself: the same step, up to the stand-in loss target (8 bytes)
+            assert abs(table.peak.bytes - m.peak_bytes) <= 8 * batch, (table.peak, m.peak_split)
+
+
+PEAK_CASES = [pytest.param(info, cfg, id=f"{info.name}-{i}") for info in et.list_techniques() if info.traceable
+              for i, cfg in enumerate(info.examples)]
+
+
+@pytest.mark.parametrize("info,cfg", PEAK_CASES)
+def test_peak_estimate_within_10_percent_for_every_technique(info, cfg):
+    model, (x, y) = model_for(info), tiny_batch(32)
+    table = estimate(model, cfg, batch_size=32, example=x, peak=True)
+    m = et.measure(model, (x, y), recipe=cfg, warmup=1, repeats=1)
+    assert abs(table.peak.bytes - m.peak_bytes) <= 0.10 * m.peak_bytes, (table.peak, m.peak_bytes, m.peak_split)

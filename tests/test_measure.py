@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 import edgetrain as et
-from edgetrain.measure import PeakMeter, SavedTensorMeter, account_saved, measure, unique_bytes
+import torch.nn.functional as F
+
+from edgetrain.measure import PeakMeter, SavedTensorMeter, account_saved, measure, storage_key, unique_bytes
 from edgetrain.testing import tiny_batch, tiny_model
 
 F32 = 4
@@ -165,3 +167,113 @@ def test_bad_inputs_are_clear_errors():
 def test_unique_bytes_counts_views_once():
     t = torch.zeros(100)
     assert unique_bytes([t, t[:10], t.view(10, 10), None]) == 400
+
+
+# --------------------------------------------------------------------------- the peak split and its guards
+def _mobilenet(batch=8):
+    from edgetrain.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("mobilenet_v2", num_classes=10, width_mult=0.35), (torch.randn(batch, 3, 32, 32),
+                                                                          torch.randint(0, 10, (batch,)))
+
+
+def test_the_peak_split_sums_to_the_peak_and_names_when_it_happens():
+    model, batch = _mobilenet()
+    m = measure(model, batch, repeats=1)
+    assert sum(m.peak_split.values()) == m.peak_bytes
+    assert m.peak_split["weights_trainable"] == m.param_bytes == m.peak_split["optimizer"]  # SGD momentum
+    assert m.peak_split["batch"] == batch[0].numel() * 4 + batch[1].numel() * 8
+    assert m.peak_phase == "backward" and "Backward" in m.peak_where
+    assert max(m.phase_peaks.values()) == m.peak_bytes
+    frozen = measure(model, batch, recipe=et.Freeze(last_k_blocks=2), repeats=1)
+    assert frozen.peak_split["weights_frozen"] == sum(frozen.frozen_by_dtype.values()) > 0
+    assert frozen.ram_peak(flash=True) == frozen.peak_bytes - frozen.peak_split["weights_frozen"]
+
+
+def test_gradients_of_the_previous_step_are_not_counted_twice():
+    """The step starts with zero_grad(set_to_none=True): last step's gradients are freed before the new ones
+    exist (the profiler does not record frees of blocks allocated before it started, so counting them in the
+    baseline added them twice)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(1000, 1000, bias=False)
+    m = measure(lin, torch.randn(4, 1000), lambda out, y: out.sum(), repeats=1)
+    weights = 1000 * 1000 * 4
+    assert 3 * weights <= m.peak_bytes < 3 * weights + 64 * 1024  # weight, its gradient, momentum; not 4x
+
+
+class KeepsInCtx(torch.autograd.Function):
+    """A Function that keeps a copy of its input in a plain ctx attribute (not save_for_backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.full = x.clone()
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2 + 0 * ctx.full
+
+
+def test_a_tensor_kept_in_a_ctx_attribute_is_counted():
+    lin = nn.Linear(64, 64)
+    model = nn.Sequential(lin, nn.Identity())
+    model[1].forward = lambda x: KeepsInCtx.apply(x)
+    x = torch.randn(32, 64)
+    m = measure(model, x, lambda out, y: out.sum(), repeats=1)
+    assert m.hidden_bytes == 32 * 64 * 4  # ctx.full: invisible to saved-tensor hooks, seen by the step census
+    assert m.saved_bytes == 32 * 64 * 4 + m.hidden_bytes  # the Linear's input, and the hidden copy
+
+
+def test_the_split_agrees_with_torchs_mem_tracker():
+    """An independent count: PyTorch's MemTracker (dispatch-mode census of live storages by role) on the same
+    step. It cannot see buffers inside ops (workspace), so our peak is higher by at most that."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    model, (x, y) = _mobilenet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ours = measure(model, (x, y), optimizer=opt, repeats=1, restore=False)
+    opt.zero_grad(set_to_none=True)
+    tracker = MemTracker()
+    tracker.track_external(model, opt, x, y)
+    with tracker:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    theirs = {str(k).split(".")[-1].split(":")[0]: v for k, v in tracker.get_tracker_snapshot("peak")[
+        torch.device("cpu")].items()}
+    assert theirs["Total"] <= ours.peak_bytes <= 1.02 * theirs["Total"]
+    assert ours.peak_split["weights_trainable"] == theirs["PARAM"]
+    assert ours.peak_split["gradients"] == theirs["GRAD"] and ours.peak_split["optimizer"] == theirs["OPT"]
+    assert abs(ours.peak_split["saved"] - theirs["ACT"]) <= 64
+
+
+def _live_tensors() -> dict[int, torch.Tensor]:
+    import gc
+
+    gc.collect()
+    return {id(o): o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == "cpu"}
+
+
+@pytest.mark.parametrize("info,cfg", [pytest.param(i, c, id=f"{i.name}-{k}") for i in et.list_techniques()
+                                      for k, c in enumerate(i.examples)])
+def test_no_technique_holds_a_tensor_the_meter_cannot_attribute(info, cfg):
+    """The guard: what a technique keeps for backward goes through saved-tensor hooks (nothing hidden), and every
+    tensor it keeps beside the model is declared (``edgetrain.ops.register_state``): a census of all live tensors
+    (gc) after applying it and training a step finds no other new one."""
+    from edgetrain.measure import storage_key
+    from edgetrain.ops import state_tensors
+    from edgetrain.testing import model_for, tiny_batch
+
+    model, batch = model_for(info), tiny_batch(8)
+    before = _live_tensors()
+    with et.apply_(model, cfg, batch[0]):
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        m = measure(model, batch, optimizer=opt, repeats=1, restore=False)
+        assert m.hidden_bytes == 0, m.saved_by_module
+        opt.zero_grad(set_to_none=True)
+        known = {storage_key(t) for t in (*model.parameters(), *model.buffers(), *batch, *state_tensors(model),
+                                          *(v for s in opt.state.values() for v in s.values()
+                                            if isinstance(v, torch.Tensor)))}
+        new = [t for i, t in _live_tensors().items() if i not in before and t.untyped_storage().nbytes() >= 256
+               and storage_key(t) not in known]
+        assert not new, f"{info.name} keeps undeclared tensors {[(tuple(t.shape), t.dtype) for t in new]}"

@@ -79,6 +79,7 @@ class CostTable:
     optimizer: str
     input_shape: tuple[int, ...]
     shapes: dict[str, tuple] = dataclasses.field(default_factory=dict)  # module -> (in, out) per-sample shapes
+    peak: PeakEstimate | None = None  # the step's peak (see :func:`predict_peak`); None when not asked for
 
     def row(self, name: str) -> LayerCost:
         if name not in self.layers:
@@ -112,6 +113,10 @@ class CostTable:
 
     @property
     def peak_estimate(self) -> int:
+        """The predicted peak of the step (:func:`predict_peak`), or a rough sum of state, saved bytes and the
+        largest op's buffers when it was not predicted."""
+        if self.peak is not None:
+            return self.peak.bytes
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.saved_bytes + self.workspace_bytes
 
     @property
@@ -134,8 +139,74 @@ class CostTable:
             d = dataclasses.asdict(r)
             d["saved_bytes"] = r.saved(self.batch_size)
             rows.append(d)
-        return {"batch_size": self.batch_size, "optimizer": self.optimizer, "input_shape": list(self.input_shape),
-                "totals": self.totals(), "layers": rows}
+        out = {"batch_size": self.batch_size, "optimizer": self.optimizer, "input_shape": list(self.input_shape),
+               "totals": self.totals(), "layers": rows}
+        if self.peak is not None:
+            out["peak"] = dataclasses.asdict(self.peak)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ the peak
+@dataclasses.dataclass
+class PeakEstimate:
+    """The predicted peak of one training step: ``bytes``, what holds it (``split``, the meter's categories),
+    the ``phase`` it happens in, and the batch sizes it was measured at (``traced``)."""
+
+    bytes: int
+    split: dict[str, int]
+    phase: str
+    traced: tuple[int, ...]
+
+    def ram(self, flash: bool = False) -> int:
+        """The peak RAM: less the frozen weights when the device keeps them in flash."""
+        return self.bytes - (self.split.get("weights_frozen", 0) if flash else 0)
+
+
+def _optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name in ("adam", "adamw"):
+        return torch.optim.AdamW(params, lr=1e-3)
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9 if name == "sgd_momentum" else 0.0)
+
+
+def predict_peak(model: nn.Module, example: Any, batch_size: int, optimizer: str = "sgd_momentum") -> PeakEstimate:
+    """The step's peak at ``batch_size``, from real steps at smaller batches (the model as it stands, techniques
+    applied; its state is put back).
+
+    The meter (:func:`edgetrain.measure.measure`) runs a step at ``batch_size // 4`` and ``batch_size // 2`` (at the
+    batch size itself below 8) with a stand-in loss target; each phase's peak (forward, loss, backward, optimizer)
+    and each category of the split are fitted linear in the batch size through the two, and the predicted peak
+    is the largest phase's. Linear because what grows with the batch (saved activations, transient buffers, the
+    batch) grows per sample, and what does not (weights, gradients, optimizer and technique state) does not.
+    """
+    from edgetrain.measure import default_loss, measure
+
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"estimate: {type(model).__name__} has no parameter that requires grad")
+    sizes = (batch_size,) if batch_size < 8 else (batch_size // 4, batch_size // 2)
+    runs = []
+    for b in sizes:
+        m = measure(model, take(example, b), lambda out, y: default_loss(out, None, stand_in=True),
+                    _optimizer(model, optimizer), warmup=1, repeats=0)
+        runs.append(m)
+    if len(runs) == 1:
+        m = runs[0]
+        return PeakEstimate(m.peak_bytes, dict(m.peak_split), m.peak_phase, sizes)
+
+    def at(a: float, b: float) -> int:  # the line through (sizes[0], a) and (sizes[1], b), at batch_size
+        return int(round(b + (b - a) / (sizes[1] - sizes[0]) * (batch_size - sizes[1])))
+
+    phases = {p: at(runs[0].phase_peaks.get(p, 0), runs[1].phase_peaks.get(p, 0)) for p in runs[1].phase_peaks}
+    phase = max(phases, key=phases.get)
+    a, b = runs
+    if a.peak_phase == b.peak_phase == phase:
+        split = {c: at(a.peak_split.get(c, 0), b.peak_split.get(c, 0)) for c in b.peak_split}
+    else:  # the peak moved between the two runs: scale the larger run's per-sample categories
+        grow = batch_size / sizes[1]
+        split = {c: int(round(v * (grow if c in ("saved", "hidden", "transient", "batch") else 1)))
+                 for c, v in b.peak_split.items()}
+    split["transient"] += phases[phase] - sum(split.values())  # the fitted total is the reference
+    return PeakEstimate(phases[phase], split, phase, sizes)
 
 
 # ------------------------------------------------------------------------------------------------ tracing
@@ -251,7 +322,7 @@ def trace_table(model: nn.Module, example: Any, batch_size: int, optimizer: str 
 
 
 def estimate(model: nn.Module, recipe: Any = None, input_shape: tuple[int, ...] | None = None, batch_size: int = 32,
-             optimizer: str = "sgd_momentum", example: Any = None) -> CostTable:
+             optimizer: str = "sgd_momentum", example: Any = None, peak: bool = False) -> CostTable:
     """Predict the memory of one training step of ``model`` under ``recipe`` (see the module docstring).
 
     Args:
@@ -262,6 +333,7 @@ def estimate(model: nn.Module, recipe: Any = None, input_shape: tuple[int, ...] 
         optimizer: ``sgd`` (no momentum), ``sgd_momentum``, ``adam`` or ``adamw``.
         example: model inputs (a tensor, a tuple or a dict, e.g. token ids and an attention mask), any batch size;
             overrides ``input_shape``.
+        peak: also predict the step's peak (:func:`predict_peak`: real steps at smaller batches); ``table.peak``.
     """
     from edgetrain.apply import apply_, resolve_targets
     from edgetrain.recipe import as_recipe
@@ -278,7 +350,10 @@ def estimate(model: nn.Module, recipe: Any = None, input_shape: tuple[int, ...] 
         example = torch.zeros((2, *input_shape), dtype=dtype)
     recipe = as_recipe(recipe) if recipe is not None else None
     if recipe is None or not recipe.techniques:
-        return trace_table(model, example, batch_size, optimizer)
+        table = trace_table(model, example, batch_size, optimizer)
+        if peak:
+            table.peak = predict_peak(model, example, batch_size, optimizer)
+        return table
     untraceable = [c.name for c in recipe.techniques if not get(c.name).traceable]
     if untraceable:
         raise ConfigError(f"estimate: no cost model for {', '.join(untraceable)} (what it saves depends on the data; "
@@ -289,6 +364,8 @@ def estimate(model: nn.Module, recipe: Any = None, input_shape: tuple[int, ...] 
             fix = get(cfg.name).estimate
             if fix is not None:
                 fix(table, cfg, resolve_targets(model, cfg, recipe, handle.structure), model, handle.structure)
+        if peak:
+            table.peak = predict_peak(model, example, batch_size, optimizer)
     return table
 
 

@@ -3,16 +3,19 @@
 :func:`measure` runs real training steps and reports the fields of the measurement contract
 (DESIGN.md):
 
-* ``saved_bytes`` — tensors saved for backward during the forward pass, seen through
-  :func:`torch.autograd.graph.saved_tensors_hooks`. Each storage counts once, at its full size (a view
-  keeps its whole storage alive). Storages of the model's parameters and buffers are not counted (they
-  are resident anyway and reported in ``param_bytes``). Techniques that keep tensors alive through their
-  own saved-tensor hooks (innermost hooks win in PyTorch) report them with :func:`account_saved`, so
-  compressed payloads count at their real size.
-* ``peak_bytes`` — the peak of live tensor bytes over a full step (zero_grad, forward, loss, backward,
-  optimizer step): the bytes live at the start (unique storages of parameters, buffers, gradients,
-  optimizer state and the batch) plus the maximum running sum of the CPU allocator's allocation and free
-  events recorded by the torch profiler (``profile_memory=True``). Not a sum of shapes.
+* ``saved_bytes`` — what the step keeps for backward: tensors saved through
+  :func:`torch.autograd.graph.saved_tensors_hooks` (each storage once, at its full size; techniques that keep
+  tensors through their own hooks report them with :func:`account_saved`, so packed payloads count at their real
+  size), plus what the forward allocated and still holds at its end outside ``save_for_backward`` (``ctx``
+  attributes, RNG states; ``hidden_bytes``, seen by the step census of :mod:`edgetrain.census`). Storages of the
+  model's parameters and buffers are not counted (they are resident anyway and reported in ``param_bytes``).
+* ``peak_bytes`` — the peak of live tensor bytes over a full step (forward, loss, backward, optimizer step): the
+  bytes live when it starts (weights, buffers, optimizer state, the batch, technique state; gradients are freed
+  first, as ``zero_grad(set_to_none=True)`` does) plus the highest running sum of the CPU allocator's allocation
+  and free events of the step, recorded by the torch profiler with their addresses. Not a sum of shapes.
+  ``peak_split`` says what holds the peak (weights trainable and frozen, buffers, gradients, optimizer state,
+  saved activations, hidden saves, the batch, technique state, transient buffers) and ``peak_phase`` /
+  ``peak_where`` when it happens (the phase and the module, or the autograd node in the backward).
 * ``param_bytes``, ``grad_bytes``, ``optimizer_bytes`` — unique storages after the step.
 * ``step_seconds`` — median wall time of ``repeats`` steps after ``warmup`` steps, with no hooks or
   profiler active.
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgetrain.census import phase, record
 from edgetrain.errors import ConfigError
 from edgetrain.inputs import call_model, logits, own_storage, split_batch, tensors
 
@@ -63,8 +67,9 @@ class SavedTensorMeter:
         exclude: further tensors whose storages are not counted.
     """
 
-    def __init__(self, model: nn.Module | None = None, exclude: Iterable[Tensor] = ()) -> None:
+    def __init__(self, model: nn.Module | None = None, exclude: Iterable[Tensor] = (), ranges: bool = False) -> None:
         self.model = model
+        self.ranges = ranges  # mark each module's forward for the step census (edgetrain.census)
         resident = list(exclude) + (list(model.parameters()) + list(model.buffers()) if model is not None else [])
         self._exclude = {storage_key(t) for t in resident}
         self._seen: set[int] = set()
@@ -75,6 +80,7 @@ class SavedTensorMeter:
         self.records: list[tuple[str, tuple[int, ...], str, int]] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._token: contextvars.Token | None = None
+        self._ranges: list[Any] = []
 
     def account(self, t: Tensor) -> None:
         """Count ``t``'s storage once (unless excluded)."""
@@ -92,19 +98,30 @@ class SavedTensorMeter:
 
     def _enter_module(self, name: str) -> None:
         self._stack.append(name)
+        if self.ranges:
+            self._ranges.append(torch.profiler.record_function(f"edgetrain::module:{name}").__enter__())
 
     def _exit_module(self) -> None:
         self._stack.pop()
+        if self.ranges and self._ranges:
+            self._ranges.pop().__exit__(None, None, None)
+
+    @property
+    def keys(self) -> set[int]:
+        """Storage keys (data pointers) of everything counted."""
+        return set(self._seen)
 
     def _pack(self, t: Tensor) -> Tensor:
         self.account(t)
-        return t
+        # a detached alias, not ``t``: a saved *output* returned as is would hold its own graph alive (a reference
+        # cycle through autograd that gc cannot break: the graph of a forward without backward leaked)
+        return t.detach()
 
     def __enter__(self) -> SavedTensorMeter:
         if self.model is not None:
             for name, m in self.model.named_modules():
                 self._handles.append(m.register_forward_pre_hook(lambda *_, n=name: self._enter_module(n)))
-                self._handles.append(m.register_forward_hook(lambda *_: self._exit_module()))
+                self._handles.append(m.register_forward_hook(lambda *_: self._exit_module(), always_call=True))
         self._token = _ACTIVE.set(_ACTIVE.get() + (self,))
         self._hooks.__enter__()
         return self
@@ -182,9 +199,24 @@ class PeakMeter:
         self.peak_bytes = self.baseline_bytes + peak
 
 
+#: what holds the peak, in the order the split is reported
+CATEGORIES = ("weights_trainable", "weights_frozen", "buffers", "gradients", "optimizer", "saved", "hidden", "batch",
+              "state", "transient")
+
+
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """One measured training step (fields of the measurement contract first)."""
+    """One measured training step (fields of the measurement contract first).
+
+    ``peak_split`` (bytes by :data:`CATEGORIES`, summing to ``peak_bytes``): weights that train and that are frozen,
+    buffers, gradients, optimizer state, saved activations alive at the peak (``saved``: through saved-tensor
+    hooks; ``hidden``: kept outside them), the batch, technique state (codec buffers, lookup tables declared with
+    :func:`edgetrain.ops.register_state`) and transient buffers (forward intermediates, backward gradient buffers,
+    decoded activations, optimizer temporaries). ``peak_phase`` is ``forward``, ``loss``, ``backward`` or
+    ``optimizer``; ``peak_where`` the module (forward) or autograd node (backward) and op allocating at the peak;
+    ``phase_peaks`` the peak of each phase. ``frozen_by_dtype`` splits the frozen weights by dtype (what a device
+    with flash keeps there: :meth:`ram_peak`).
+    """
 
     saved_bytes: int
     peak_bytes: int
@@ -195,6 +227,16 @@ class Measurement:
     trainable_param_bytes: int
     saved_by_module: dict[str, int]
     threads: int
+    hidden_bytes: int = 0
+    peak_split: dict[str, int] = dataclasses.field(default_factory=dict)
+    peak_phase: str = ""
+    peak_where: str = ""
+    phase_peaks: dict[str, int] = dataclasses.field(default_factory=dict)
+    frozen_by_dtype: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def ram_peak(self, flash: bool = False) -> int:
+        """The peak RAM: ``peak_bytes``, less the frozen weights when the device keeps them in flash."""
+        return self.peak_bytes - (self.peak_split.get("weights_frozen", 0) if flash else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,7 +297,7 @@ def measure(model: nn.Module, batch: Any,
         optimizer: default SGD (lr 0.01, momentum 0.9) over the parameters that require grad.
         recipe: applied with :func:`edgetrain.apply_` before measuring and removed afterwards.
         warmup: untimed steps first (they also create the optimizer state the step then holds).
-        repeats: timed steps; ``step_seconds`` is their median.
+        repeats: timed steps; ``step_seconds`` is their median (0: no timing, ``nan``).
         restore: put model, gradients, optimizer state and RNG back as they were afterwards.
     """
     if recipe is not None:
@@ -263,8 +305,8 @@ def measure(model: nn.Module, batch: Any,
 
         with apply_(model, recipe, split_batch(batch)[0]):
             return measure(model, batch, loss_fn, optimizer, warmup=warmup, repeats=repeats, restore=restore)
-    if warmup < 0 or repeats < 1:
-        raise ConfigError(f"measure: need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    if warmup < 0 or repeats < 0:
+        raise ConfigError(f"measure: need warmup >= 0 and repeats >= 0, got {warmup} and {repeats}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError(f"measure: {type(model).__name__} has no parameter that requires grad: nothing to train")
@@ -273,49 +315,136 @@ def measure(model: nn.Module, batch: Any,
     loss_fn = loss_fn or default_loss
     x, y = (own_storage(part) for part in split_batch(batch))
 
-    def step(meter: SavedTensorMeter | None = None) -> None:
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with meter if meter is not None else contextlib.nullcontext():
-            out = call_model(model, x)
-            if meter is not None:
-                meter._enter_module("(loss)")  # what the loss keeps gets its own row
-            loss = loss_fn(out, y)
-            if meter is not None:
-                meter._exit_module()
+        loss = loss_fn(call_model(model, x), y)
         if not torch.isfinite(loss):
             raise ConfigError(f"measure: the loss is {loss.item()} on this batch; nothing meaningful to measure")
         loss.backward()
         optimizer.step()
 
-    def state_tensors() -> list[Tensor]:
-        return [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
-
     with _restoring(model, optimizer, restore):
         for _ in range(warmup):
             step()
-        saved = SavedTensorMeter(model)
-        step(saved)
-        live = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters()), *state_tensors(),
-                *tensors(x), *tensors(y)]
-        peak = PeakMeter(live)
-        with peak:
-            step()
+        optimizer.zero_grad(set_to_none=True)
+        static = _static(model, optimizer, x, y)
+        saved = SavedTensorMeter(model, ranges=True)
+        loss_keys: list[int] = []
+
+        def census_step() -> None:  # the step of ``step``, phases marked, gradients already freed
+            with phase("forward"), saved:
+                out = call_model(model, x)
+                saved._enter_module("(loss)")  # what the loss keeps gets its own row
+                loss = loss_fn(out, y)
+                saved._exit_module()
+                del out  # as a training loop does: the output lives on only where backward keeps it
+            loss_keys.append(storage_key(loss))
+            with phase("backward"):
+                loss.backward()
+            with phase("optimizer"):
+                optimizer.step()
+
+        census = record(census_step, sum(static.bytes.values()))
+        split, hidden, where = _split(census, static, saved, model, optimizer, set(loss_keys))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        by_module = dict(saved.by_module)
+        if hidden:
+            by_module["(hidden)"] = hidden
         return Measurement(
-            saved_bytes=saved.total_bytes,
-            peak_bytes=peak.peak_bytes,
+            saved_bytes=saved.total_bytes + hidden,
+            peak_bytes=census.peak_bytes,
             param_bytes=unique_bytes(model.parameters()),
             grad_bytes=unique_bytes(p.grad for p in model.parameters()),
-            optimizer_bytes=unique_bytes(state_tensors()),
-            step_seconds=statistics.median(times),
+            optimizer_bytes=unique_bytes(_optimizer_tensors(optimizer)),
+            step_seconds=statistics.median(times) if times else float("nan"),
             trainable_param_bytes=unique_bytes(trainable),
-            saved_by_module=dict(saved.by_module),
+            saved_by_module=by_module,
             threads=torch.get_num_threads(),
+            hidden_bytes=hidden,
+            peak_split=split,
+            peak_phase=where[0],
+            peak_where=where[1],
+            phase_peaks=census.phase_peaks(),
+            frozen_by_dtype=static.frozen_by_dtype,
         )
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    return [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
+
+
+@dataclasses.dataclass
+class _Static:
+    """What is alive when the measured step starts: bytes and storage keys by category."""
+
+    bytes: dict[str, int]
+    keys: dict[int, str]
+    frozen_by_dtype: dict[str, int]
+
+
+def _static(model: nn.Module, optimizer: torch.optim.Optimizer, x: Any, y: Any) -> _Static:
+    from edgetrain.ops import state_tensors
+
+    groups = [("weights_trainable", [p for p in model.parameters() if p.requires_grad]),
+              ("weights_frozen", [p for p in model.parameters() if not p.requires_grad]),
+              ("buffers", list(model.buffers())), ("optimizer", _optimizer_tensors(optimizer)),
+              ("batch", [*tensors(x), *tensors(y)]), ("state", [t for t in state_tensors(model)
+                                                               if isinstance(t, Tensor)])]
+    keys: dict[int, str] = {}
+    sizes: dict[str, int] = {c: 0 for c in CATEGORIES}
+    frozen: dict[str, int] = {}
+    for cat, ts in groups:
+        for t in ts:
+            if t.device.type == "meta" or storage_key(t) in keys:
+                continue  # each storage once, in the first category that holds it
+            keys[storage_key(t)] = cat
+            sizes[cat] += t.untyped_storage().nbytes()
+            if cat == "weights_frozen":
+                dt = str(t.dtype).removeprefix("torch.")
+                frozen[dt] = frozen.get(dt, 0) + t.untyped_storage().nbytes()
+    return _Static(sizes, keys, frozen)
+
+
+def _split(census, static: _Static, saved: SavedTensorMeter, model: nn.Module,  # noqa: ANN001
+           optimizer: torch.optim.Optimizer, loss_keys: set[int]) -> tuple[dict[str, int], int, tuple[str, str]]:
+    """(bytes by category at the peak, hidden bytes, (phase, where)) from the step census."""
+    from edgetrain.ops import state_tensors
+
+    grads = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+    state = {storage_key(t) for t in state_tensors(model) if isinstance(t, Tensor)}
+    end_fwd = census.phase_ends.get("forward", 0)
+    at_end = census.live_after(end_fwd)
+    saved_keys = saved.keys
+    made_in_forward = {a: e for a, e in at_end.items() if e.phase in ("forward", "loss")}
+    hidden_allocs = {a for a, e in made_in_forward.items()
+                     if e.ptr not in saved_keys and e.ptr not in loss_keys and e.ptr not in state}
+    saved_allocs = {a for a, e in at_end.items() if e.ptr in saved_keys}
+    final = census.live_at(len(census.events) - 1)
+    split = dict(static.bytes)
+    idx = census.peak_index
+    where = ("", "")
+    if idx >= 0:
+        for alloc, e in census.live_at(idx).items():
+            if alloc in saved_allocs:
+                cat = "saved"
+            elif alloc in hidden_allocs:
+                cat = "hidden"
+            elif e.ptr in grads and alloc in final:
+                cat = "gradients"
+            elif e.ptr in state:
+                cat = "state"  # e.g. a codec buffer (re)made in the step
+            else:
+                cat = "transient"
+            split[cat] += e.size
+        peak_event = census.events[idx]
+        where = (peak_event.phase, " / ".join(w for w in (peak_event.module or peak_event.node, peak_event.op) if w))
+    hidden = sum(made_in_forward[a].size for a in hidden_allocs)
+    return split, hidden, where
 
 
 def _fmt(n: float) -> str:
@@ -325,10 +454,25 @@ def _fmt(n: float) -> str:
     return f"{n:.0f} B"
 
 
+_LABELS = {"weights_trainable": "weights (trained)", "weights_frozen": "weights (frozen)", "buffers": "buffers",
+           "gradients": "gradients", "optimizer": "optimizer state", "saved": "saved activations",
+           "hidden": "kept outside hooks", "batch": "batch", "state": "technique state", "transient": "transient"}
+
+
 def format_measurement(m: Measurement) -> str:
-    """A short human-readable table of a :class:`Measurement`."""
+    """A short human-readable table of a :class:`Measurement`, with what holds the peak."""
     rows = [("saved for backward", _fmt(m.saved_bytes)), ("peak live tensors", _fmt(m.peak_bytes)),
             ("parameters", _fmt(m.param_bytes)), ("  trainable", _fmt(m.trainable_param_bytes)),
             ("gradients", _fmt(m.grad_bytes)), ("optimizer state", _fmt(m.optimizer_bytes)),
             ("step time", f"{m.step_seconds * 1e3:.1f} ms ({m.threads} threads)")]
-    return "\n".join(f"{k:<20} {v:>14}" for k, v in rows)
+    lines = [f"{k:<20} {v:>14}" for k, v in rows]
+    if m.peak_split:
+        lines.append(f"\nthe peak ({_fmt(m.peak_bytes)}) happens in the {m.peak_phase or '?'}"
+                     + (f" at {m.peak_where}" if m.peak_where else "") + "; it holds:")
+        for cat, n in m.peak_split.items():
+            if n:
+                lines.append(f"  {_LABELS.get(cat, cat):<18} {_fmt(n):>14} {100 * n / m.peak_bytes:5.1f}%")
+        if m.frozen_by_dtype:
+            lines.append(f"  (frozen weights by dtype: {', '.join(f'{k} {_fmt(v)}' for k, v in m.frozen_by_dtype.items())};"
+                         f" peak RAM with them in flash: {_fmt(m.ram_peak(flash=True))})")
+    return "\n".join(lines)

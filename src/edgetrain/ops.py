@@ -57,6 +57,7 @@ class Undo:
             self._undo.pop()()
 
 _DISPATCHERS: weakref.WeakKeyDictionary[nn.Module, Dispatcher] = weakref.WeakKeyDictionary()
+_STATE: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def op_name(func: Any) -> str:
@@ -189,6 +190,18 @@ def intercept(model: nn.Module, ops: Iterable[str] | None, fn: Handler, undo: Un
             del _DISPATCHERS[model]
 
     undo.add(remove)
+
+
+def register_state(model: nn.Module, tensors: Callable[[], Iterable[Any]], undo: Undo) -> None:
+    """Declare tensors a technique keeps alive beside the model (a codec's buffers, a lookup table): the meter
+    counts them as technique state, and its census guard (tests/test_measure.py) fails on any it is not told of."""
+    _STATE.setdefault(model, []).append(tensors)
+    undo.add(lambda: _STATE.get(model, []).remove(tensors) if tensors in _STATE.get(model, []) else None)
+
+
+def state_tensors(model: nn.Module) -> list[Any]:
+    """The tensors techniques declared for ``model`` with :func:`register_state`."""
+    return [t for fn in _STATE.get(model, []) for t in fn() if t is not None]
 
 
 def current_module(model: nn.Module) -> str:

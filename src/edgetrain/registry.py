@@ -39,6 +39,9 @@ class TechniqueInfo:
             targets (default: every layer of ``layer_kinds``, or every module).
         looks_for: what it acts on, for the one-line error when it finds nothing in a model.
         limits: one line on the models it refuses or cannot reach (``edgetrain ls`` prints it).
+        remove_tolerance: relative error of the parameters ``remove()`` gives back (0: bit for bit). A technique that
+            stores weights in another form (int8 master weights, fp16) without keeping a copy of the originals
+            states the rounding it leaves.
         forward_bound: ``fn(cfg) -> float``: the relative L2 change of the eval-mode output the technique may
             cause by design (0: lossless, checked to float rounding by :func:`edgetrain.apply_`).
         conflicts: names of techniques that cannot be combined with this one on the same module.
@@ -70,6 +73,7 @@ class TechniqueInfo:
     looks_for: str = "layers it supports"
     limits: str = ""
     forward_bound: Callable[[Any], float] = lambda cfg: 0.0
+    remove_tolerance: float = 0.0
     conflicts: frozenset[str] = frozenset()
     step_hook: bool = False
     loss_term: bool = False

@@ -108,8 +108,9 @@ def test_apply_remove_round_trip_and_trained_weights_are_kept():
     model = tiny_model()
     before = model_state(model)
     h = et.apply_(model, et.Int8())
-    h.remove()
-    assert all(torch.equal(before["state"][k], v) for k, v in model.state_dict().items())
+    h.remove()  # W/s·s: the rounding of fp32, no copy of W kept (Int8's stated remove_tolerance)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before["state"][k], rtol=1e-6, atol=1e-7)
     h = et.apply_(model, et.Int8())
     conv = model.get_submodule("features.0.0")
     with torch.no_grad():

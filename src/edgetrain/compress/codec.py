@@ -141,7 +141,7 @@ class SavedCompressor:
         codec = self.override or codec or self.codec
         if codec is None or not self.eligible(t):
             account_saved(t)
-            return t
+            return t.detach()  # not ``t``: a saved output returned as is holds its own graph alive (a leak)
         key = _view_key(t)
         payload = self._lookup(t, key)
         if payload is None:
@@ -149,7 +149,7 @@ class SavedCompressor:
                 payload = codec.encode(t.detach())
             if payload.nbytes >= t.untyped_storage().nbytes():  # incompressible (e.g. noise): never keep more
                 account_saved(t)
-                return t
+                return t.detach()
             self._remember(t, key, payload)
             self.encoded_bytes += t.numel() * t.element_size()
             self.payload_bytes += payload.nbytes

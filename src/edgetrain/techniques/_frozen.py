@@ -101,7 +101,7 @@ def affine_bn(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias:
     if bias is not None:
         shift = shift + bias  # (C,) a trainable beta gets dL/dbeta = sum(dL/dy)
     view = (1, -1) + (1,) * (x.dim() - 2)
-    return x * scale.view(view) + shift.view(view)
+    return (x * scale.view(view)).add_(shift.view(view))  # the shift added in place: one buffer, not two
 
 
 def frozen_bn(frozen: Callable[[Call], bool]) -> Callable[[Call], object]:

@@ -26,7 +26,7 @@ from edgetrain.approx.layers import approx_conv2d, approx_linear
 from edgetrain.approx.lut import MAX_LUT_BITS, get_lut
 from edgetrain.approx.multipliers import MULTIPLIERS
 from edgetrain.errors import ConfigError
-from edgetrain.ops import Call, Undo, intercept
+from edgetrain.ops import Call, Undo, intercept, register_state
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
@@ -101,6 +101,7 @@ def _apply(model: nn.Module, cfg: ApproxMultiply, targets: list[str], structure:
     undo = Undo()
     intercept(model, ("linear", "conv2d"), approx_handler({id(modules[n].weight) for n in targets}, lut), undo,
               first=True)
+    register_state(model, lambda: [lut.bits, lut.values], undo)  # the multiplier's table: 4^M entries, twice
     return undo
 
 

@@ -226,14 +226,11 @@ def _binary_forward(m: nn.Module, fp16_grad: bool, undo: Undo):
 
 
 def _set_dtype(p: nn.Parameter, dtype: torch.dtype, undo: Undo) -> None:
-    original = p.data
+    """Store ``p`` in ``dtype``; ``remove()`` converts back (the rounding stays: no copy in the old dtype is kept,
+    which would cost what the fp16 storage saves)."""
+    old = p.dtype
     p.data = p.data.to(dtype)
-    start = p.data.clone()
-
-    def restore() -> None:  # untouched: the exact original; trained: the trained values in the old dtype
-        p.data = original if torch.equal(p.data, start) else p.data.to(original.dtype)
-
-    undo.add(restore)
+    undo.add(lambda: setattr(p, "data", p.data.to(old)))
 
 
 BINARY = (BinaryLinear, BinaryConv2d)
@@ -293,6 +290,7 @@ register(
         looks_for="edgetrain binary layers (BinaryLinear, BinaryConv2d)",
         limits='refuses any model not built from its binary layers',
         forward_bound=lambda cfg: math.inf,  # l1 BatchNorm changes the function by design: shapes, finiteness checked
+        remove_tolerance=2**-11,  # fp16 latent weights: remove() converts back, their rounding (2^-11 relative) stays
         exact=False,
         grad_tolerance=0.0,
         examples=(BNNEdge(), BNNEdge(fp16_weights=False, fp16_grads=False)),
