@@ -159,7 +159,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(et.ConfigError, match="no parameter that requires grad"):
         measure(model, torch.randn(2, 3), _sum_loss)
     with pytest.raises(et.ConfigError, match="repeats"):
-        measure(nn.Linear(3, 2), torch.randn(2, 3), _sum_loss, repeats=0)
+        measure(nn.Linear(3, 2), torch.randn(2, 3), _sum_loss, repeats=-1)
     with pytest.raises(et.ConfigError, match="loss is nan"):
         measure(nn.Linear(3, 2), torch.full((2, 3), float("nan")), _sum_loss)
 

@@ -59,7 +59,12 @@ class Census:
 
     events: list[Event]
     baseline: int
-    phase_ends: dict[str, int]  # phase -> end time (ns)
+    ranges: list[tuple[str, int, int]]  # (phase, start, end) in time order (a phase recurs per micro-batch)
+
+    @property
+    def phase_ends(self) -> dict[str, int]:
+        """The end of each phase's last range."""
+        return {name: end for name, _, end in self.ranges}
 
     def running(self) -> list[int]:
         run, out = 0, []
@@ -130,7 +135,7 @@ def record(step: Callable[[], Any], baseline: int) -> Census:
     finally:
         with _quiet_native_stderr():
             prof.__exit__(None, None, None)
-    events, ends = [], {}
+    events, ranges = [], []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
@@ -142,7 +147,7 @@ def record(step: Callable[[], Any], baseline: int) -> Census:
                 continue
             events.append(Event(node.start_time_ns, 0, f.ptr, f.alloc_size, *_context(node)))
         elif node.name.startswith(_PREFIX) and not node.name.startswith(_PREFIX + "module:"):
-            ends[node.name[len(_PREFIX):]] = node.end_time_ns
+            ranges.append((node.name[len(_PREFIX):], node.start_time_ns, node.end_time_ns))
     events.sort(key=lambda e: e.time)
     # pair each free with the allocation at its address; a free of a block allocated before the step has none (the
     # profiler does not record those) and is dropped: the census tracks what the step made
@@ -156,4 +161,4 @@ def record(step: Callable[[], Any], baseline: int) -> Census:
         else:
             continue
         kept.append(e)
-    return Census(kept, baseline, ends)
+    return Census(kept, baseline, sorted(ranges, key=lambda r: r[1]))

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from edgetrain.census import phase, record
 from edgetrain.errors import ConfigError
+from edgetrain.execution import FusedStep, bn_policy, run_step, slices
 from edgetrain.inputs import call_model, logits, own_storage, split_batch, tensors
 
 _ACTIVE: contextvars.ContextVar[tuple[SavedTensorMeter, ...]] = contextvars.ContextVar("edgetrain_meters", default=())
@@ -284,7 +285,7 @@ def _restoring(model: nn.Module, optimizer: torch.optim.Optimizer, enabled: bool
 def measure(model: nn.Module, batch: Any,
             loss_fn: Callable[[Any, Any], Tensor] | None = None,
             optimizer: torch.optim.Optimizer | None = None, *, recipe: Any = None, warmup: int = 1,
-            repeats: int = 5, restore: bool = True) -> Measurement:
+            repeats: int = 5, restore: bool = True, micro: int = 1, bn: str = "micro") -> Measurement:
     """Run real training steps of ``model`` on ``batch`` and measure them.
 
     Args:
@@ -299,12 +300,16 @@ def measure(model: nn.Module, batch: Any,
         warmup: untimed steps first (they also create the optimizer state the step then holds).
         repeats: timed steps; ``step_seconds`` is their median (0: no timing, ``nan``).
         restore: put model, gradients, optimizer state and RNG back as they were afterwards.
+        micro, bn: micro-batches per step and their BatchNorm policy (:func:`edgetrain.execution.run_step`);
+            ``saved_bytes`` is then the largest micro-batch's. Pass a :class:`edgetrain.execution.FusedStep` as
+            ``optimizer`` to update in the backward.
     """
     if recipe is not None:
         from edgetrain.apply import apply_
 
         with apply_(model, recipe, split_batch(batch)[0]):
-            return measure(model, batch, loss_fn, optimizer, warmup=warmup, repeats=repeats, restore=restore)
+            return measure(model, batch, loss_fn, optimizer, warmup=warmup, repeats=repeats, restore=restore,
+                           micro=micro, bn=bn)
     if warmup < 0 or repeats < 0:
         raise ConfigError(f"measure: need warmup >= 0 and repeats >= 0, got {warmup} and {repeats}")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -314,49 +319,53 @@ def measure(model: nn.Module, batch: Any,
         optimizer = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
     loss_fn = loss_fn or default_loss
     x, y = (own_storage(part) for part in split_batch(batch))
+    parts = list(slices(x, y, micro))
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(call_model(model, x), y)
+        loss = run_step(model, x, y, loss_fn, optimizer, micro, bn)
         if not torch.isfinite(loss):
             raise ConfigError(f"measure: the loss is {loss.item()} on this batch; nothing meaningful to measure")
-        loss.backward()
-        optimizer.step()
 
     with _restoring(model, optimizer, restore):
         for _ in range(warmup):
             step()
         optimizer.zero_grad(set_to_none=True)
         static = _static(model, optimizer, x, y)
-        saved = SavedTensorMeter(model, ranges=True)
-        loss_keys: list[int] = []
+        meters = [SavedTensorMeter(model, ranges=True) for _ in parts]
+        loss_keys: set[int] = set()
+        fused = isinstance(optimizer, FusedStep)
 
-        def census_step() -> None:  # the step of ``step``, phases marked, gradients already freed
-            with phase("forward"), saved:
-                out = call_model(model, x)
-                saved._enter_module("(loss)")  # what the loss keeps gets its own row
-                loss = loss_fn(out, y)
-                saved._exit_module()
-                del out  # as a training loop does: the output lives on only where backward keeps it
-            loss_keys.append(storage_key(loss))
-            with phase("backward"):
-                loss.backward()
+        def census_step() -> None:  # ``step`` with its phases marked, gradients already freed
+            with bn_policy(model, bn):
+                for i, ((xi, yi, share), saved) in enumerate(zip(parts, meters)):
+                    if fused:
+                        optimizer.armed = i == len(parts) - 1
+                    with phase("forward"), saved:
+                        out = call_model(model, xi)
+                        saved._enter_module("(loss)")  # what the loss keeps gets its own row
+                        loss = loss_fn(out, yi)
+                        saved._exit_module()
+                        del out  # as a training loop does: the output lives on only where backward keeps it
+                    loss_keys.add(storage_key(loss))
+                    with phase("backward"):
+                        (loss * share if micro > 1 else loss).backward()
             with phase("optimizer"):
                 optimizer.step()
 
         census = record(census_step, sum(static.bytes.values()))
-        split, hidden, where = _split(census, static, saved, model, optimizer, set(loss_keys))
+        split, hidden, where = _split(census, static, meters, model, loss_keys)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        by_module = dict(saved.by_module)
-        if hidden:
-            by_module["(hidden)"] = hidden
+        top = max(range(len(meters)), key=lambda i: meters[i].total_bytes + hidden[i])  # the largest micro-batch
+        by_module = dict(meters[top].by_module)
+        if hidden[top]:
+            by_module["(hidden)"] = hidden[top]
         return Measurement(
-            saved_bytes=saved.total_bytes + hidden,
+            saved_bytes=meters[top].total_bytes + hidden[top],
             peak_bytes=census.peak_bytes,
             param_bytes=unique_bytes(model.parameters()),
             grad_bytes=unique_bytes(p.grad for p in model.parameters()),
@@ -365,7 +374,7 @@ def measure(model: nn.Module, batch: Any,
             trainable_param_bytes=unique_bytes(trainable),
             saved_by_module=by_module,
             threads=torch.get_num_threads(),
-            hidden_bytes=hidden,
+            hidden_bytes=hidden[top],
             peak_split=split,
             peak_phase=where[0],
             peak_where=where[1],
@@ -410,20 +419,26 @@ def _static(model: nn.Module, optimizer: torch.optim.Optimizer, x: Any, y: Any) 
     return _Static(sizes, keys, frozen)
 
 
-def _split(census, static: _Static, saved: SavedTensorMeter, model: nn.Module,  # noqa: ANN001
-           optimizer: torch.optim.Optimizer, loss_keys: set[int]) -> tuple[dict[str, int], int, tuple[str, str]]:
-    """(bytes by category at the peak, hidden bytes, (phase, where)) from the step census."""
+def _split(census, static: _Static, meters: list[SavedTensorMeter], model: nn.Module,  # noqa: ANN001
+           loss_keys: set[int]) -> tuple[dict[str, int], list[int], tuple[str, str]]:
+    """(bytes by category at the peak, hidden bytes per micro-batch, (phase, where)) from the step census."""
     from edgetrain.ops import state_tensors
 
     grads = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
     state = {storage_key(t) for t in state_tensors(model) if isinstance(t, Tensor)}
-    end_fwd = census.phase_ends.get("forward", 0)
-    at_end = census.live_after(end_fwd)
-    saved_keys = saved.keys
-    made_in_forward = {a: e for a, e in at_end.items() if e.phase in ("forward", "loss")}
-    hidden_allocs = {a for a, e in made_in_forward.items()
-                     if e.ptr not in saved_keys and e.ptr not in loss_keys and e.ptr not in state}
-    saved_allocs = {a for a, e in at_end.items() if e.ptr in saved_keys}
+    forwards = [(start, end) for name, start, end in census.ranges if name == "forward"]
+    saved_allocs: set[int] = set()
+    hidden_allocs: set[int] = set()
+    hidden: list[int] = []
+    for (start, end), meter in zip(forwards, meters):  # what each micro-batch's forward keeps at its end
+        keys = meter.keys
+        at_end = census.live_after(end)
+        saved_allocs |= {a for a, e in at_end.items() if e.ptr in keys}
+        mine = {a for a, e in at_end.items() if start <= e.time <= end and e.ptr not in keys and e.ptr not in
+                loss_keys and e.ptr not in state}
+        hidden_allocs |= mine
+        hidden.append(sum(at_end[a].size for a in mine))
+    hidden += [0] * (len(meters) - len(hidden))
     final = census.live_at(len(census.events) - 1)
     split = dict(static.bytes)
     idx = census.peak_index
@@ -443,7 +458,6 @@ def _split(census, static: _Static, saved: SavedTensorMeter, model: nn.Module,  
             split[cat] += e.size
         peak_event = census.events[idx]
         where = (peak_event.phase, " / ".join(w for w in (peak_event.module or peak_event.node, peak_event.op) if w))
-    hidden = sum(made_in_forward[a].size for a in hidden_allocs)
     return split, hidden, where
 
 
