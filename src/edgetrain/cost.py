@@ -169,25 +169,42 @@ def _optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9 if name == "sgd_momentum" else 0.0)
 
 
-def predict_peak(model: nn.Module, example: Any, batch_size: int, optimizer: str = "sgd_momentum") -> PeakEstimate:
+def predict_peak(model: nn.Module, example: Any, batch_size: int, optimizer: str = "sgd_momentum",
+                 execution: Any = None) -> PeakEstimate:
     """The step's peak at ``batch_size``, from real steps at smaller batches (the model as it stands, techniques
     applied; its state is put back).
 
     The meter (:func:`edgetrain.measure.measure`) runs a step at ``batch_size // 4`` and ``batch_size // 2`` (at the
-    batch size itself below 8) with a stand-in loss target; each phase's peak (forward, loss, backward, optimizer)
+    batch size itself below 8; with micro-batches, at two and four micro-batches) with a stand-in loss target; each phase's peak (forward, loss, backward, optimizer)
     and each category of the split are fitted linear in the batch size through the two, and the predicted peak
     is the largest phase's. Linear because what grows with the batch (saved activations, transient buffers, the
     batch) grows per sample, and what does not (weights, gradients, optimizer and technique state) does not.
+    ``execution`` (a recipe's :class:`~edgetrain.recipe.Execution`): the traced steps keep its micro-batch size
+    (``batch_size / micro_batches``, at least one micro-batch) and its fused optimizer step.
     """
+    from edgetrain.execution import FusedStep
     from edgetrain.measure import default_loss, measure
+    from edgetrain.recipe import Execution
+
+    ex = execution or Execution()
 
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"estimate: {type(model).__name__} has no parameter that requires grad")
-    sizes = (batch_size,) if batch_size < 8 else (batch_size // 4, batch_size // 2)
+    micro_size = max(1, batch_size // ex.micro_batches)
+    if ex.micro_batches > 1:  # at least two micro-batches in each trace: the accumulated gradients are in it
+        sizes = tuple(sorted({min(batch_size, 2 * micro_size), min(batch_size, 4 * micro_size)}))
+    else:
+        sizes = (batch_size,) if batch_size < 8 else (batch_size // 4, batch_size // 2)
     runs = []
     for b in sizes:
-        m = measure(model, take(example, b), lambda out, y: default_loss(out, None, stand_in=True),
-                    _optimizer(model, optimizer), warmup=1, repeats=0)
+        opt = _optimizer(model, optimizer)
+        opt = FusedStep(opt) if ex.fused_step else opt
+        try:
+            m = measure(model, take(example, b), lambda out, y: default_loss(out, None, stand_in=True), opt,
+                        warmup=1, repeats=0, micro=max(1, b // micro_size), bn=ex.bn)
+        finally:
+            if ex.fused_step:
+                opt.remove()
         runs.append(m)
     if len(runs) == 1:
         m = runs[0]
@@ -365,7 +382,7 @@ def estimate(model: nn.Module, recipe: Any = None, input_shape: tuple[int, ...] 
             if fix is not None:
                 fix(table, cfg, resolve_targets(model, cfg, recipe, handle.structure), model, handle.structure)
         if peak:
-            table.peak = predict_peak(model, example, batch_size, optimizer)
+            table.peak = predict_peak(model, example, batch_size, optimizer, recipe.execution)
     return table
 
 

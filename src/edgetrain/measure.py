@@ -296,7 +296,8 @@ def measure(model: nn.Module, batch: Any,
         loss_fn: ``loss_fn(output, target)``; default: the output's own ``loss``, else cross-entropy of its
             logits.
         optimizer: default SGD (lr 0.01, momentum 0.9) over the parameters that require grad.
-        recipe: applied with :func:`edgetrain.apply_` before measuring and removed afterwards.
+        recipe: applied with :func:`edgetrain.apply_` before measuring and removed afterwards; its ``execution``
+            (micro-batches, the fused optimizer step) is how the measured steps run.
         warmup: untimed steps first (they also create the optimizer state the step then holds).
         repeats: timed steps; ``step_seconds`` is their median (0: no timing, ``nan``).
         restore: put model, gradients, optimizer state and RNG back as they were afterwards.
@@ -306,10 +307,21 @@ def measure(model: nn.Module, batch: Any,
     """
     if recipe is not None:
         from edgetrain.apply import apply_
+        from edgetrain.recipe import as_recipe
 
+        recipe = as_recipe(recipe)
+        ex = recipe.execution
         with apply_(model, recipe, split_batch(batch)[0]):
-            return measure(model, batch, loss_fn, optimizer, warmup=warmup, repeats=repeats, restore=restore,
-                           micro=micro, bn=bn)
+            if optimizer is None:
+                optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+            fused = FusedStep(optimizer) if ex.fused_step and not isinstance(optimizer, FusedStep) else None
+            try:
+                return measure(model, batch, loss_fn, fused or optimizer, warmup=warmup, repeats=repeats,
+                               restore=restore, micro=ex.micro_batches if micro == 1 else micro,
+                               bn=ex.bn if bn == "micro" else bn)
+            finally:
+                if fused is not None:
+                    fused.remove()
     if warmup < 0 or repeats < 0:
         raise ConfigError(f"measure: need warmup >= 0 and repeats >= 0, got {warmup} and {repeats}")
     trainable = [p for p in model.parameters() if p.requires_grad]

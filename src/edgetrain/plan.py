@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgetrain.cost import OPT_COPIES, CostTable, estimate
+from edgetrain.cost import OPT_COPIES, CostTable, PeakEstimate, estimate
 from edgetrain.devices import format_size
 from edgetrain.errors import BudgetError, ConfigError
-from edgetrain.recipe import Recipe
+from edgetrain.recipe import Execution, Recipe
 from edgetrain.techniques.sparse_update import SparseUpdate, n_keep
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)  # TTE's weight_update_ratio choices (specs §6.4: r in {0, 1/8, 1/4, 1/2, 1})
@@ -146,9 +146,11 @@ def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | Non
         raise ConfigError(f"analysis: bias k values must be in [0, {len(convs)}], got {ks}")
     cands = weight_candidates(probe, weight_last)
     k_ref = max(len(convs) - convs.index(cands[0]), 1) if cands else 0
-    # the resolved data name (not the workload's ``data=None``), so that the same data hits the same cache
-    key = {"version": ANALYSIS_VERSION, "workload": {**dataclasses.asdict(workload), "data": train_data.name},
-           "steps": steps, "lr": lr}
+    # only what the runs use: the resolved data name (not the workload's ``data=None``), so that the same data hits
+    # the same cache; not the test split (eval_subset) nor the workload's batch size (the runs train at the
+    # TrainConfig default and score on the held-out part of the training split)
+    used = {k: v for k, v in dataclasses.asdict(workload).items() if k not in ("eval_subset", "batch_size")}
+    key = {"version": ANALYSIS_VERSION, "workload": {**used, "data": train_data.name}, "steps": steps, "lr": lr}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = (cache or cache_dir()) / f"{workload.model}-{digest}.json"
     runs: dict[str, float] = {}
@@ -221,10 +223,18 @@ class Plan:
     bias_last_k: int
     weights: dict[str, float]
     contribution: Contribution
+    peak: PeakEstimate | None = None  # the step's predicted peak (the budget bounds its RAM part)
+    flash: int | None = None  # the device's flash for frozen weights (None: frozen weights are RAM)
 
     @property
     def predicted_bytes(self) -> int:
-        return self.predicted.train_bytes
+        """What the budget bounds: the step's peak RAM (frozen weights in flash when they fit it)."""
+        return ram_of(self.peak, self.flash) if self.peak is not None else self.predicted.train_bytes
+
+
+def ram_of(peak: PeakEstimate, flash: int | None) -> int:
+    """The RAM part of a predicted peak: frozen weights live in ``flash`` when the device has it and they fit."""
+    return peak.ram(flash=flash is not None and peak.split.get("weights_frozen", 0) <= flash)
 
 
 def search(contribution: Contribution, bias_memory: dict[int, int], weight_cost: dict[tuple[str, float], int],
@@ -266,45 +276,103 @@ def search(contribution: Contribution, bias_memory: dict[int, int], weight_cost:
 
 
 PRECISIONS = ("fp32", "int8")
+FROZEN = ("fp32", "int8")
+
+
+def executions(batch_size: int) -> list[Execution]:
+    """The execution settings the planner tries, cheapest first: the fused optimizer step (no cost, always), then
+    micro-batches of halving size (each costs step time, none changes what is computed: the planned BatchNorms are
+    frozen)."""
+    out = [Execution(fused_step=True, bn="frozen")]
+    m = 2
+    while m <= batch_size:
+        out.append(Execution(micro_batches=m, fused_step=True, bn="frozen"))
+        m *= 2
+    return out
 
 
 def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape: tuple[int, ...], batch_size: int,
-         optimizer: str = "sgd_momentum", name: str | None = None, precision: str = "fp32") -> Plan:
-    """Choose the sparse-update scheme with the largest measured gain whose predicted memory fits ``budget``.
+         optimizer: str = "sgd_momentum", name: str | None = None, precision: str = "fp32", *,
+         flash: int | None = None, frozen: str = "fp32", example: Any = None) -> Plan:
+    """Choose the sparse-update scheme with the largest measured gain, and how to run it, so that the step's
+    predicted peak RAM fits ``budget``.
 
-    ``precision="int8"`` trains the chosen weights as int8 with QAS (:class:`~edgetrain.Int8`): whole weights only
-    (ratio 1; int8 does not combine with partial-channel slices), each keeping an int8 input. The gains are the
-    fp32 analysis's: on T1, int8 with QAS matched fp32 (88.6% vs 88.5%, docs/planner.md).
+    The budget is the step's peak RAM (:func:`edgetrain.cost.predict_peak`: weights, gradients, optimizer state,
+    saved activations, the batch, technique state and transient buffers), less the frozen weights when the device
+    has ``flash`` bytes for them and they fit. Schemes are searched as before (the exact knapsack over the additive
+    gains, on their trainable state + saved activations); each candidate is then run as a recipe with the frozen
+    part as inference (:class:`~edgetrain.techniques.FrozenInference`), frozen weights as ``frozen`` (``int8``:
+    :class:`~edgetrain.techniques.Int8Frozen`), the fused optimizer step and as few micro-batches as fit; its peak
+    is predicted, and an overshoot narrows the search. ``precision="int8"`` trains the chosen weights as int8 with
+    QAS (whole weights only; the gains are the fp32 analysis's: on T1, int8 with QAS matched fp32, 88.6% vs 88.5%,
+    docs/planner.md). An infeasible budget names the smallest reachable peak and what dominates it, in one line.
     """
-    from edgetrain.techniques.int8 import Int8
+    from edgetrain.techniques import FrozenInference, Int8, Int8Frozen
 
     if precision not in PRECISIONS:
         raise ConfigError(f"plan: precision must be one of {PRECISIONS}, got {precision!r}")
+    if frozen not in FROZEN:
+        raise ConfigError(f"plan: frozen must be one of {FROZEN}, got {frozen!r}")
     if precision == "int8":
         contribution = dataclasses.replace(contribution, weights={c: {r: g for r, g in d.items() if r >= 1}
                                                                   for c, d in contribution.weights.items()})
+    if example is None:
+        example = torch.zeros((2, *input_shape))
     convs = conv_names(model, input_shape)
     base = estimate(model, None, input_shape, batch_size, optimizer)  # shapes of every conv
     bias_memory = {k: estimate(model, SparseUpdate(bias_last_k=k), input_shape, batch_size, optimizer).train_bytes
                    for k in contribution.bias}
     weight_cost = {(c, r): weight_memory(model, base, c, r, precision) for c, d in contribution.weights.items()
                    for r in d}
-    smallest = min(bias_memory.values())
-    if budget < smallest:
-        raise BudgetError(f"budget {format_size(budget)} ({budget} B) is infeasible: the smallest plan (classifier "
-                          f"only) needs {format_size(smallest)} ({smallest} B) at batch {batch_size}")
     suffix = "-int8" if precision == "int8" else ""
     name = name or f"plan-{format_size(budget).replace(' ', '')}{suffix}"
-    target = budget
-    for _ in range(4):  # the closed form per weight slice can miss a per-channel vector: check with the full estimate
-        k, weights, gain = search(contribution, bias_memory, weight_cost, convs, target)
+    def recipe_for(cfg: SparseUpdate, ex: Execution) -> Recipe:
+        from edgetrain.apply import apply_
+
+        techniques = [cfg] + ([Int8(qas=True)] if precision == "int8" and cfg.weights else [])
+        for extra in [FrozenInference()] + ([Int8Frozen()] if frozen == "int8" else []):
+            try:  # nothing frozen to fold or quantise for this scheme (e.g. every BatchNorm trains): left out
+                apply_(model, [*techniques, extra], example).remove()
+                techniques.append(extra)
+            except ConfigError:
+                pass
+        return Recipe(techniques, name=name, execution=ex)
+
+    def run(cfg: SparseUpdate) -> tuple[Recipe, CostTable, int]:
+        """The cheapest execution that fits, or the one with the smallest peak RAM."""
+        best = None
+        techniques = recipe_for(cfg, Execution()).techniques
+        for ex in executions(batch_size):
+            recipe = Recipe(techniques, name=name, execution=ex)
+            table = estimate(model, recipe, batch_size=batch_size, optimizer=optimizer, example=example, peak=True)
+            ram = ram_of(table.peak, flash)
+            if ram <= budget:
+                return recipe, table, ram
+            if best is None or ram < best[2]:
+                best = (recipe, table, ram)
+        return best
+
+    smallest = run(SparseUpdate(bias_last_k=0))
+    if smallest[2] > budget:
+        split = smallest[1].peak.split
+        flash_note = " (frozen weights in flash)" if flash is not None and split.get("weights_frozen", 0) <= flash \
+            else ""
+        top = max((c for c in split if not (flash_note and c == "weights_frozen")), key=split.get)
+        raise BudgetError(f"budget {format_size(budget)} ({budget} B) is infeasible: the smallest reachable peak is "
+                          f"{format_size(smallest[2])} ({smallest[2]} B, classifier only, "
+                          f"{smallest[0].execution.micro_batches} micro-batches, fused optimizer step{flash_note}), "
+                          f"{format_size(split[top])} of it {top.replace('_', ' ')} at batch {batch_size}")
+    overhead = smallest[2] - smallest[1].train_bytes  # what the peak holds beyond trainable state + saved
+    target = budget - max(overhead, 0)
+    for _ in range(6):  # the knapsack is on trainable state + saved bytes: check each scheme's peak and narrow
+        k, weights, gain = search(contribution, bias_memory, weight_cost, convs, max(target, min(bias_memory.values())))
         cfg = SparseUpdate(bias_last_k=k, weights=dict(sorted(weights.items())))
-        recipe = Recipe([cfg, Int8(qas=True)] if precision == "int8" and weights else [cfg], name=name)
-        table = estimate(model, recipe, input_shape, batch_size, optimizer)
-        if table.train_bytes <= budget:
-            return Plan(recipe, budget, table, gain, k, cfg.weights, contribution)
-        target -= table.train_bytes - budget  # search again with the overshoot taken off
-    raise BudgetError(f"plan: no scheme found within {format_size(budget)} whose full estimate fits")
+        recipe, table, ram = run(cfg)
+        if ram <= budget:
+            return Plan(recipe, budget, table, gain, k, cfg.weights, contribution, table.peak, flash)
+        target -= ram - budget
+    recipe, table, ram = smallest
+    return Plan(recipe, budget, table, contribution.bias.get(0, 0.0), 0, {}, contribution, table.peak, flash)
 
 
 def format_plan(p: Plan, model: nn.Module) -> str:
@@ -343,12 +411,21 @@ def format_plan(p: Plan, model: nn.Module) -> str:
         prec = "int8" if name in cfg.weights and "int8" in p.recipe.technique_names else "fp32"
         lines.append(f"{name:30.30s} {what:34.34s} {prec:9s} {format_size(state):>18s} {format_size(saved):>11s}")
     lines.append("-" * 106)
-    lines.append(f"predicted: {format_size(t.train_bytes)} of {format_size(p.budget)} budget (trainable weights "
+    if p.peak is not None:
+        ex = p.recipe.execution
+        lines.append(f"predicted peak RAM: {format_size(p.predicted_bytes)} of {format_size(p.budget)} budget "
+                     f"(the whole step's peak {format_size(p.peak.bytes)}, in the {p.peak.phase}"
+                     + (f"; frozen weights {format_size(p.peak.split.get('weights_frozen', 0))} in flash"
+                        if p.predicted_bytes < p.peak.bytes else "") + ")")
+        parts = ", ".join(f"{k.replace('_', ' ')} {format_size(v)}" for k, v in p.peak.split.items() if v)
+        lines.append(f"  it holds: {parts}")
+        lines.append(f"  run as: {', '.join(t.name for t in p.recipe.techniques)}; {ex.micro_batches} micro-batch"
+                     f"{'es' if ex.micro_batches > 1 else ''} of {b // ex.micro_batches}, "
+                     f"{'fused' if ex.fused_step else 'ordinary'} optimizer step, BatchNorm {ex.bn}")
+    lines.append(f"trainable state + saved activations: {format_size(t.train_bytes)} (trainable weights "
                  f"{format_size(t.grad_bytes)}, gradients {format_size(t.grad_bytes)}, optimizer "
                  f"{format_size(t.optimizer_bytes)}, saved activations {format_size(t.saved_bytes)}); batch {b}")
-    lines.append(f"not in the budget: frozen weights {format_size(t.param_bytes - t.grad_bytes)}, forward workspace "
-                 f"~{format_size(t.workspace_bytes)}")
-    lines.append(f"scheme: biases of the last {p.bias_last_k} convs, weights {p.weights or 'none'}, classifier; "
+    lines.append(f"scheme: biases of the last {p.bias_last_k} layers, weights {p.weights or 'none'}, classifier; "
                  f"predicted gain over classifier-only {100 * p.gain:+.1f} points "
                  f"(classifier-only {100 * p.contribution.baseline:.1f}% after "
                  f"{p.contribution.meta.get('steps')} analysis steps)")

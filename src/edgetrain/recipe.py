@@ -26,6 +26,47 @@ from edgetrain.technique import Technique, _as_patterns
 
 
 @dataclasses.dataclass(frozen=True)
+class Execution:
+    """How each training step runs (:mod:`edgetrain.execution`); the defaults are an ordinary step.
+
+    Args:
+        micro_batches: micro-batches per optimizer step (gradient accumulation); saved activations and transient
+            buffers scale with the micro-batch.
+        fused_step: update each parameter in the backward as soon as its gradient is complete and free it
+            (SGD/AdamW; not with gradient clipping).
+        bn: BatchNorm statistics over micro-batches: ``micro`` (each micro-batch its own) or ``frozen`` (running
+            statistics: exact against the full batch).
+    """
+
+    micro_batches: int = 1
+    fused_step: bool = False
+    bn: str = "micro"
+
+    def __post_init__(self) -> None:
+        from edgetrain.execution import BN_POLICIES
+
+        if not isinstance(self.micro_batches, int) or isinstance(self.micro_batches, bool) or self.micro_batches < 1:
+            raise ConfigError(f"Execution.micro_batches: must be an int >= 1, got {self.micro_batches!r}")
+        if not isinstance(self.fused_step, bool):
+            raise ConfigError(f"Execution.fused_step: must be true/false, got {self.fused_step!r}")
+        if self.bn not in BN_POLICIES:
+            raise ConfigError(f"Execution.bn: must be one of {list(BN_POLICIES)}, got {self.bn!r}")
+
+    @property
+    def default(self) -> bool:
+        return self == Execution()
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Execution:
+        if not isinstance(d, dict):
+            raise ConfigError(f"recipe: 'execution' must be a mapping, got {d!r}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"recipe execution: unknown key(s) {unknown}; known: micro_batches, fused_step, bn")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """Ordered technique configs applied to a model by :func:`edgetrain.apply_`.
 
@@ -36,6 +77,7 @@ class Recipe:
         blocks: globs naming the model's blocks (outermost matches), overriding the derived ones
             (:mod:`edgetrain.structure`; ``edgetrain inspect`` shows them).
         classifier: the classifier module, overriding the derived one.
+        execution: how each step runs (:class:`Execution`: micro-batches, the fused optimizer step).
     """
 
     techniques: tuple[Technique, ...] = ()
@@ -43,6 +85,7 @@ class Recipe:
     targets: tuple[str, ...] | None = None
     blocks: tuple[str, ...] | None = None
     classifier: str | None = None
+    execution: Execution = Execution()
 
     def __post_init__(self) -> None:
         techs = self.techniques
@@ -60,6 +103,10 @@ class Recipe:
         object.__setattr__(self, "blocks", _as_patterns(self.blocks, "Recipe.blocks"))
         if self.classifier is not None and (not isinstance(self.classifier, str) or not self.classifier):
             raise ConfigError(f"Recipe.classifier: expected a module name, got {self.classifier!r}")
+        if isinstance(self.execution, dict):
+            object.__setattr__(self, "execution", Execution.from_dict(self.execution))
+        if not isinstance(self.execution, Execution):
+            raise ConfigError(f"Recipe.execution: expected an Execution, got {self.execution!r}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +115,8 @@ class Recipe:
             d["blocks"] = list(self.blocks)
         if self.classifier is not None:
             d["classifier"] = self.classifier
+        if not self.execution.default:
+            d["execution"] = dataclasses.asdict(self.execution)
         d["techniques"] = [t.to_dict() for t in self.techniques]
         return d
 
@@ -75,14 +124,16 @@ class Recipe:
     def from_dict(cls, d: Any) -> Recipe:
         if not isinstance(d, dict):
             raise ConfigError(f"recipe must be a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"name", "targets", "blocks", "classifier", "techniques"})
+        unknown = sorted(set(d) - {"name", "targets", "blocks", "classifier", "execution", "techniques"})
         if unknown:
-            raise ConfigError(f"recipe: unknown key(s) {unknown}; known: name, targets, blocks, classifier, techniques")
+            raise ConfigError(f"recipe: unknown key(s) {unknown}; known: name, targets, blocks, classifier, "
+                              "execution, techniques")
         techs = d.get("techniques") or []
         if not isinstance(techs, list):
             raise ConfigError("recipe: 'techniques' must be a list")
         return cls(tuple(config_from_dict(t) for t in techs), name=d.get("name") or "plain", targets=d.get("targets"),
-                   blocks=d.get("blocks"), classifier=d.get("classifier"))
+                   blocks=d.get("blocks"), classifier=d.get("classifier"),
+                   execution=Execution.from_dict(d.get("execution") or {}))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
