@@ -11,6 +11,7 @@ from edgetrain.techniques.freeze import Freeze
 from edgetrain.techniques.gradient_filter import GradientFilter
 from edgetrain.techniques.int8 import Int8
 from edgetrain.techniques.mobiletl import MobileTL
+from edgetrain.techniques.patch_execute import PatchExecute
 from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "Int8", "MobileTL", "SparseUpdate", "Technique"]
+__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "Int8", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]

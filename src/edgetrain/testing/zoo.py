@@ -211,6 +211,7 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         "int8": Int8(),
         # the simulated multiplier is slow on depthwise convs (one GEMM per group): the last two layers
         "approx_multiply": ApproxMultiply(targets=[n for n in structure.layers_of(("linear", "conv2d"))][-2:] or None),
+        "patch_execute": __import__("edgetrain.techniques", fromlist=["PatchExecute"]).PatchExecute(blocks=2),
     }
 
 
