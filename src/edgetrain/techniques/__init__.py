@@ -8,10 +8,12 @@ from edgetrain.techniques.bnn_edge import BNNEdge
 from edgetrain.techniques.checkpoint import Checkpoint
 from edgetrain.techniques.comet import Comet
 from edgetrain.techniques.freeze import Freeze
+from edgetrain.techniques.frozen_inference import FrozenInference
 from edgetrain.techniques.gradient_filter import GradientFilter
 from edgetrain.techniques.int8 import Int8
+from edgetrain.techniques.int8_frozen import Int8Frozen
 from edgetrain.techniques.mobiletl import MobileTL
 from edgetrain.techniques.patch_execute import PatchExecute
 from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "GradientFilter", "Int8", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]
+__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "FrozenInference", "GradientFilter", "Int8", "Int8Frozen", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]

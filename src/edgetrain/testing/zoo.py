@@ -193,8 +193,9 @@ def available() -> list[str]:
 def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
     """The config each registered technique is tried with on a zoo model (a function of the model's structure
     where the config names layers). Every registered technique must have one (the zoo test checks)."""
+    from edgetrain.recipe import Recipe
     from edgetrain.techniques import (ActNN, ApproxMultiply, BiasOnly, BNNEdge, Checkpoint, Comet, Freeze,
-                                      GradientFilter, Int8, MobileTL, SparseUpdate)
+                                      FrozenInference, GradientFilter, Int8, Int8Frozen, MobileTL, SparseUpdate)
     from edgetrain.techniques.sparse_update import layers
 
     trained = layers(structure)
@@ -211,6 +212,9 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         "int8": Int8(),
         # the simulated multiplier is slow on depthwise convs (one GEMM per group): the last two layers
         "approx_multiply": ApproxMultiply(targets=[n for n in structure.layers_of(("linear", "conv2d"))][-2:] or None),
+        # execution of the frozen part: after the freezing technique they need
+        "frozen_inference": Recipe([Freeze(last_k_blocks=2), FrozenInference()], name="frozen_inference"),
+        "int8_frozen": Recipe([Freeze(last_k_blocks=2), Int8Frozen()], name="int8_frozen"),
         "patch_execute": __import__("edgetrain.techniques", fromlist=["PatchExecute"]).PatchExecute(blocks=2),
     }
 
@@ -280,7 +284,11 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
 
     original = model if model is not None else entry.build()
     inputs, target = entry.batch(batch_size)
-    row: dict[str, Any] = {"model": entry.name, "technique": get(cfg).name, "config": cfg.to_dict()}
+    from edgetrain.recipe import as_recipe
+
+    recipe = as_recipe(cfg)
+    last = recipe.techniques[-1]  # a recipe tries its last technique on top of the ones before
+    row: dict[str, Any] = {"model": entry.name, "technique": last.name, "config": recipe.to_dict()}
     work = copy.deepcopy(original)
     state = {k: v.clone() for k, v in work.state_dict().items()}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in work.modules())
@@ -308,7 +316,8 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
     work.zero_grad(set_to_none=True)
     after = work.state_dict()
     moving = ("running", "num_batches")  # BatchNorm statistics move in the training step
-    tol = get(cfg).remove_tolerance  # the rounding a technique states when it keeps no copy of the originals
+    tol = max(get(c).remove_tolerance for c in recipe.techniques)  # the rounding a technique states when it keeps
+    # no copy of the originals
 
     def same(a: Tensor, b: Tensor) -> bool:
         return torch.equal(a, b) if not tol else bool(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max())))
