@@ -42,7 +42,8 @@ def test_measure_json_prints_every_contract_field_measured(capsys, tmp_path):
 
 def test_train_writes_checkpoint_metrics_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", *T3, "--steps", "6", "--checkpoint-every", "3", "--out", str(out), "--no-progress"]
+    args = ["train", *T3, "--steps", "6", "--checkpoint-every", "3", "--out", str(out), "--no-progress",
+            "--schedule", "constant"]  # a constant schedule may change --steps on resume (a cosine one may not)
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["steps"] == 6 and 0.0 <= res["accuracy"] <= 1.0
@@ -102,3 +103,93 @@ def test_bench_writes_table_json_csv_and_plot(tmp_path, capsys):
 def test_python_dash_m_works_like_the_command():
     out = subprocess.run([sys.executable, "-m", "edgetrain", "ls"], capture_output=True, text=True, check=True)
     assert "freeze" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------- issue 11
+def strict(text):
+    def refuse(c):
+        raise AssertionError(f"{c} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_plan_prints_its_table_and_writes_the_recipe(tmp_path, capsys, monkeypatch):
+    """Issue 11.1: every `edgetrain plan` that printed its table crashed (format_plan rebound the batch size)."""
+    monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path / "cache"))
+    args = ["plan", *T3, "--analysis-steps", "3", "--no-progress"]
+    assert main([*args, "--budget", "8MB", "-o", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak RAM:" in out and "scheme:" in out and f"wrote {tmp_path / 'plan.json'}" in out
+    assert json.loads((tmp_path / "plan.json").read_text())["techniques"][0]["type"] == "sparse_update"
+    assert main([*args, "--budget", "8MB", "--json"]) == 0
+    assert strict(capsys.readouterr().out)["budget"] == 8_000_000
+    code = main([*args, "--budget", "256KB", "--device", "mcu"])
+    out, err = capsys.readouterr()
+    assert (code == 0 and "predicted peak RAM:" in out) or (code == 2 and "infeasible" in err
+                                                            and "\n" not in err.strip())
+    assert main(["train", *T3, "--recipe", str(tmp_path / "plan.json"), "--steps", "2", "--out",
+                 str(tmp_path / "run")]) == 0
+
+
+def test_plan_refuses_a_recipe_and_has_no_eval_subset(tmp_path, capsys):
+    """Issue 11.7: `plan --recipe` was accepted and ignored, even an invalid file."""
+    assert main(["plan", *T3, "--budget", "8MB", "--recipe", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgetrain: error: plan takes no --recipe") and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["plan", *T3, "--budget", "8MB", "--eval-subset", "100"])
+    assert e.value.code == 2 and "unrecognized arguments: --eval-subset" in capsys.readouterr().err
+
+
+def test_the_analysis_cache_ignores_what_the_analysis_does_not_use(tmp_path):
+    """Issue 11.7: --eval-subset (unused by the analysis) was part of the cache key: changing it restarted it."""
+    import dataclasses
+
+    from edgetrain.plan import analyze
+    from edgetrain.workload import Workload
+
+    wl = Workload(model="small_cnn", data="digits", image_size=8, channels=1, pretrained=False)
+    a = analyze(wl, steps=2, ks=[0, 1], weight_last=1, threads=1, progress=False, cache=tmp_path)
+    b = analyze(dataclasses.replace(wl, eval_subset=50, batch_size=8), steps=2, ks=[0, 1], weight_last=1, threads=1,
+                progress=False, cache=tmp_path)
+    assert a.meta["cache"] == b.meta["cache"] and a.to_dict()["bias"] == b.to_dict()["bias"]
+    c = analyze(dataclasses.replace(wl, train_subset=500), steps=2, ks=[0, 1], weight_last=1, threads=1,
+                progress=False, cache=tmp_path)
+    assert c.meta["cache"] != a.meta["cache"]  # what it trains on is in the key
+
+
+def test_train_into_an_existing_out_needs_resume_or_force(tmp_path, capsys):
+    """Issue 11.2: `edgetrain train` into an existing --out silently overwrote it (metrics of both runs mixed)."""
+    out = tmp_path / "run"
+    args = ["train", *T3, "--steps", "3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = (out / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds" in err and "--resume" in err and "--force" in err and "\n" not in err
+    assert (out / "metrics.jsonl").read_text() == before
+    assert main([*args, "--resume"]) == 0  # finished: resumed at its end
+    summary = strict(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and isinstance(summary["final_loss"], float)  # not NaN (issue 11.8)
+    assert main([*args[:-3], "--steps", "2", "--out", str(out), "--force", "--no-progress"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # 2 steps + the final evaluation
+    with pytest.raises(SystemExit):
+        main([*args, "--resume", "--force"])  # mutually exclusive
+
+
+def test_bench_shows_its_phases_and_keeps_a_diverged_recipe_as_a_row(tmp_path, capsys):
+    """Issue 11.8: the bench showed nothing during a 40 s evaluation; a diverged recipe is a row, not the end."""
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(
+        "work: T3\nname: wild\nworkload: {model: small_cnn, pretrained: false, data: digits, image_size: 8,"
+        " channels: 1, batch_size: 16, eval_subset: 50}\ntrain: {steps: 30, lr: 1000000.0}\nmeasure_repeats: 1\n"
+        "recipes:\n  - {name: head, techniques: [{type: freeze}]}\n"
+    )
+    assert main(["bench", "--config", str(cfg), "--out", str(tmp_path), "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in err and "measuring one training step" in err and "evaluating on 50 samples" in err
+    result = strict((tmp_path / "t3-wild.json").read_text())
+    plain = result["rows"][0]
+    assert plain["accuracy"] is None and "at step" in plain["diverged"]
+    assert "| plain |" in out and "n/a" in out

@@ -144,6 +144,7 @@ def test_label_out_of_range_for_fashion(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- npz
+@pytest.mark.filterwarnings("ignore::edgetrain.data.DataWarning")  # no test split: tested below
 @pytest.mark.parametrize("shape,perm", [((6, 10, 12), None), ((6, 10, 12, 3), (0, 3, 1, 2)),
                                         ((6, 3, 10, 12), (0, 1, 2, 3))])
 def test_npz_layouts(tmp_path, shape, perm):
@@ -196,6 +197,7 @@ def save_png(path, value, size=(12, 12), mode="RGB"):
     Image.fromarray(np.full(shape, value, np.uint8), mode).save(path)
 
 
+@pytest.mark.filterwarnings("ignore::edgetrain.data.DataWarning")  # no test split: tested below
 def test_image_folder_whole_dir(tmp_path):
     for c in ("cat", "dog"):
         for i in range(3):
@@ -334,3 +336,63 @@ def test_real_fashion_mnist():
     assert (len(tr), len(te)) == (60000, 10000) and tr.images.shape[1:] == (1, 28, 28)
     assert tr.images.dtype == torch.uint8 and (int(tr.labels.min()), int(tr.labels.max())) == (0, 9)
     assert torch.bincount(te.labels).tolist() == [1000] * 10
+
+
+# ---------------------------------------------------------------------------------------------------- reliability
+def test_a_source_without_a_test_split_warns(tmp_path):
+    """Issue 11.8: data without a test split were evaluated on the training data without a warning."""
+    from edgetrain.data import DataWarning
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((6, 4, 4), np.uint8), y=np.arange(6) % 2)
+    with pytest.warns(DataWarning, match=r"d.npz: has no test split .*6 samples.*training accuracy"):
+        load_data(tmp_path / "d.npz", "test")
+    for c in ("a", "b"):
+        (tmp_path / "folder" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "folder" / c / "0.png")
+    with pytest.warns(DataWarning, match=r"folder: has no test split \(no train/ and test/ subfolders\)"):
+        load_data(tmp_path / "folder", "test")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        load_data(tmp_path / "d.npz", "train")  # the training split itself: nothing to say
+        np.savez(tmp_path / "k.npz", x_train=np.zeros((6, 4, 4), np.uint8), y_train=np.arange(6) % 2,
+                 x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.arange(2))
+        load_data(tmp_path / "k.npz", "test")  # a real test split
+        (tmp_path / "idx").mkdir()
+        make_idx_dir(tmp_path / "idx")
+        load_data(tmp_path / "idx", "test")
+
+
+def test_the_command_line_prints_the_warning_in_one_line(tmp_path, capsys):
+    from edgetrain.cli import main
+
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).integers(0, 256, (32, 8, 8)).astype(np.uint8),
+             y=np.arange(32) % 4)
+    assert main(["train", "--model", "small_cnn", "--data", str(tmp_path / "d.npz"), "--image-size", "8",
+                 "--channels", "1", "--batch-size", "8", "--steps", "1", "--threads", "1", "--no-progress", "--out",
+                 str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [ln for ln in err if "warning" in ln] == [ln for ln in err if ln.startswith("edgetrain: warning: ")]
+    assert len([ln for ln in err if "has no test split" in ln]) == 1
+
+
+def test_a_limit_reads_only_the_first_idx_records(tmp_path):
+    imgs, lbls = make_idx_dir(tmp_path, n=30)
+    d = load_data(tmp_path, "train", limit=7, normalize="none")
+    assert d.name.endswith("train[:7]") and np.array_equal(d.images[:, 0].numpy(), imgs[:7])
+    assert load_data(tmp_path, "train", limit=30, normalize="none").name.endswith("/train")  # nothing cut
+
+
+def test_a_huge_label_is_a_damaged_file_not_a_billion_classes(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4, 4), np.uint8), y=np.array([0, 2**40]))
+    with raises_one_line(DataError, "implies more than 100,000 classes"):
+        load_data(tmp_path / "d.npz", "train")
+
+
+def test_smoke_mode_caps_the_samples(monkeypatch):
+    monkeypatch.setenv("EDGETRAIN_SMOKE", "1")
+    from edgetrain import smoke
+
+    d = load_data("digits", "train")
+    assert len(d) == smoke.SAMPLES and d.name == f"digits/train[:{smoke.SAMPLES}]"

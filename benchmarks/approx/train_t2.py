@@ -30,9 +30,11 @@ from torch import nn
 
 import edgetrain as et
 from edgetrain.approx import _kernel
-from edgetrain.bench import provenance
+from edgetrain import smoke
+from edgetrain.bench import plain_log_ticks, provenance
 from edgetrain.data import load_data
 from edgetrain.techniques import ApproxMultiply
+from edgetrain.train import finite
 
 MULTIPLIERS = {"fp32": None, "bf16_trunc": ("trunc_exact", 7), "mitchell": ("mitchell", 7), "mbm": ("mbm", 7)}
 CLAIM = "ApproxTrain: convergence similar to and test accuracy within a negligible change of FP32/bfloat16 (MBM)"
@@ -101,36 +103,51 @@ def train(model, train_data, test_data, args, label: str) -> dict:
                 break
         if step >= args.steps:
             break
+    if not curve or curve[-1][0] != step:  # the curves always end at the last step (also for runs under 10 steps)
+        curve.append((step, round(running, 5)))
     train_s = time.perf_counter() - t0
     final = accuracy(model, test_data)
     return {"loss_curve": curve, "eval_curve": evals, "accuracy": final, "final_train_loss": running,
             "train_seconds": round(train_s, 1), "step_seconds": round(train_s / step, 4), "steps": step}
 
 
-def plot(rows: list[dict], path: Path, args) -> None:
+def figure(rows: list[dict], args):
+    """Loss (log, plain-number ticks) and accuracy curves per model; each panel's legend outside its axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     archs = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(2, len(archs), figsize=(5.5 * len(archs), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(archs), figsize=(7.5 * len(archs), 7), squeeze=False)
     for col, arch in enumerate(archs):
         for r in (r for r in rows if r["model"] == arch):
-            s, l = zip(*r["loss_curve"])
-            axes[0][col].plot(s, l, label=r["multiplier"])
-            s, a = zip(*r["eval_curve"])
-            axes[1][col].plot(s, [100 * v for v in a], marker="o",
-                              label=f"{r['multiplier']} ({100 * r['accuracy']:.2f}%)")
+            for ax, curve, scale, label in ((axes[0][col], r["loss_curve"], 1, r["multiplier"]),
+                                            (axes[1][col], r["eval_curve"], 100,
+                                             f"{r['multiplier']} ({100 * r['accuracy']:.2f}%)")):
+                if curve:
+                    s, v = zip(*curve)
+                    ax.plot(s, [scale * x for x in v], marker="o" if scale == 100 or len(s) < 3 else None,
+                            label=label)
         axes[0][col].set(title=f"{arch}: training loss (EMA 0.95)", xlabel="step", ylabel="loss", yscale="log")
         axes[1][col].set(title=f"{arch}: test accuracy on {args.eval_subset} images (final: full test set)",
                          xlabel="step", ylabel="accuracy %")
-        axes[0][col].legend()
-        axes[1][col].legend()
+        axes[0][col].autoscale_view()
+        plain_log_ticks(axes[0][col].yaxis)
+        for ax in (axes[0][col], axes[1][col]):
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     fig.suptitle(f"Fashion-MNIST from scratch, {args.steps} steps x batch {args.batch_size}, Adam {args.lr}; "
                  "multipliers simulated in forward + both backward GEMMs (M=7)", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: Path, args) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, args)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -146,6 +163,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True, help="output path without extension (.json and .png are written)")
     args = ap.parse_args()
+    args.steps = smoke.cap(args.steps, smoke.STEPS)  # EDGETRAIN_SMOKE=1: a command check, not a result
     torch.set_num_threads(args.threads)
     try:
         train_data = load_data("fashion-mnist", "train", channels=1, normalize="dataset")
@@ -163,7 +181,8 @@ def main() -> None:
             techniques = []
             if MULTIPLIERS[mult] is not None:
                 name, bits = MULTIPLIERS[mult]
-                et.apply_(model, ApproxMultiply(model=name, mantissa_bits=bits))
+                example = next(iter(train_data.batches(2, shuffle=False)))[0]  # (2, 1, 28, 28): apply_ traces it
+                et.apply_(model, ApproxMultiply(model=name, mantissa_bits=bits), example)
                 techniques = ["approx_multiply"]
             res = train(model, train_data, test_data, args, f"{arch}/{mult}")
             rows.append({"name": f"{arch}-{mult}", "model": arch, "multiplier": mult, "techniques": techniques,
@@ -177,8 +196,8 @@ def main() -> None:
                     "schedule": f"{args.steps} steps x batch {args.batch_size} (Adam lr {args.lr}), seed 0, same "
                                 f"init and batch order for every multiplier; eval subset {args.eval_subset} images",
                     "resnet_width": args.resnet_width, "compiled_kernel": _kernel.available()}
-            out.with_suffix(".json").write_text(json.dumps({"provenance": provenance(args.threads, meta),
-                                                            "rows": rows}, indent=1) + "\n")
+            out.with_suffix(".json").write_text(json.dumps(finite({"provenance": provenance(args.threads, meta),
+                                                                   "rows": rows}), indent=1, allow_nan=False) + "\n")
             plot(rows, out.with_suffix(".png"), args)
 
 

@@ -110,6 +110,36 @@ class Applied:
             _, part = self.parts.pop()
             part.remove()
 
+    def _stateful(self) -> dict[str, Any]:
+        return {f"{i}:{name}": part for i, (name, part) in enumerate(self.parts)
+                if callable(getattr(part, "state_dict", None))}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the applied techniques own beyond the model's parameters and buffers (RNG streams, noise pools,
+        adaptive bounds, counters), keyed ``"<index>:<technique>"`` in recipe order: what a checkpoint must hold
+        for a resumed run to continue exactly as an uninterrupted one.
+
+        Protocol: a technique's handle (what its registered ``apply`` returns) that owns such state implements
+        ``state_dict() -> dict`` (tensors and plain data only) and ``load_state_dict(d)``; handles without them
+        own none."""
+        return {key: part.state_dict() for key, part in self._stateful().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (for the same recipe, applied to the same model)."""
+        from edgetrain.errors import CheckpointError
+
+        own = self._stateful()
+        if not isinstance(state, dict) or set(state) != set(own):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"technique state for {found} does not fit recipe {self.recipe.name!r} "
+                                  f"(its stateful techniques: {sorted(own)})")
+        for key, part in own.items():
+            try:
+                part.load_state_dict(state[key])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+                raise CheckpointError(f"technique {key}: saved state does not fit ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
     def __enter__(self) -> Applied:
         return self
 

@@ -1,37 +1,39 @@
 """The reference training loop: steps or epochs, SGD/AdamW, warmup + cosine/step schedule, evaluation,
-a tqdm progress bar, JSON-lines metrics, atomic checkpoints and exact resume.
+progress output, JSON-lines metrics, atomic checksummed checkpoints and exact resume.
 
-A seeded run resumed from a checkpoint ends with the same weights, bit for bit, as one never
-interrupted: the batch order depends only on ``(seed, epoch)``, the learning rate is a pure function of
-the step, and the checkpoint carries model, optimizer, RNG states and the step.
+What it guarantees (docs/reliability.md lists the tests that hold each):
+
+* **Nothing mixed.** A run writes into an ``out_dir`` of its own: an existing run there is continued only with
+  ``resume=True`` (and only if the checkpoint's fingerprint of model, recipe, data and schedule matches; a mismatch
+  is one line naming the difference) or replaced with ``force=True``. One process at a time holds the directory.
+* **Exact resume.** A seeded run resumed from a checkpoint ends with the same weights and metrics, bit for bit, as
+  one never interrupted: the batch order depends only on ``(seed, epoch)``, the learning rate is a pure function of
+  the step, and the checkpoint holds model, optimizer, RNG states, the state techniques own
+  (:meth:`edgetrain.apply.Applied.state_dict`) and the step.
+* **Divergence stops the run where it happens.** A non-finite loss, gradient, parameter or buffer raises
+  :class:`~edgetrain.errors.TrainingDiverged` naming the step and the tensor; a checkpoint is only ever written
+  from a finite state, so the last one on disk is good.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
+from torch import Tensor, nn
 
-from edgetrain import __version__
-from edgetrain.checkpoint import load_checkpoint, save_checkpoint
-from edgetrain.errors import CheckpointError, ConfigError, TrainingDiverged
+from edgetrain import smoke
+from edgetrain.errors import ConfigError
 from edgetrain.recipe import as_recipe
+from edgetrain.run import RUN_FIELDS, Progress, Run, diverged, finite, fingerprint, nonfinite, seed_all
 
-#: Fields that change what a run computes: a resumed run must not differ in them.
-RUN_FIELDS = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "seed",
-              "max_grad_norm")
+__all__ = ["RUN_FIELDS", "TrainConfig", "TrainResult", "build_optimizer", "evaluate", "finite", "lr_at", "train"]
 
 
 @dataclasses.dataclass
@@ -84,8 +86,8 @@ class TrainConfig:
                               f"epochs={self.epochs})")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             bad("steps", "must be a positive int")
-        if self.epochs is not None and not self.epochs > 0:
-            bad("epochs", "must be > 0")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            bad("epochs", "must be a positive number")
         for f in ("batch_size", "eval_batch_size"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be a positive int")
@@ -99,6 +101,8 @@ class TrainConfig:
             bad("schedule", "must be 'cosine', 'constant' or 'step'")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", "must be a positive number")
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            bad("max_grad_norm", "must be a positive number or None")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.momentum < 0:
             raise ConfigError("TrainConfig: warmup_steps, weight_decay and momentum must be >= 0")
 
@@ -154,162 +158,156 @@ def evaluate(model: nn.Module, data, batch_size: int = 256) -> float:
     return correct / len(data)
 
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                                                      *np_state[2:]],
-            "python": list(random.getstate()[1]) + [random.getstate()[0]]}
+def _probe(model: nn.Module, x: Any) -> None:
+    """One eval-mode forward of two samples: a model that cannot take the data's batches is one line, here."""
+    from edgetrain.inputs import call_model, take
 
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    py = state["python"]
-    random.setstate((py[-1], tuple(py[:-1]), None))
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-class _Run:
-    """Bookkeeping of one training run: paths, metrics file, checkpoints."""
-
-    def __init__(self, config: TrainConfig, recipe) -> None:
-        self.config = config
-        self.recipe = recipe
-        self.out = Path(config.out_dir) if config.out_dir else None
-        self.ckpt = self.out / "checkpoint.pt" if self.out else None
-        self.last_good: int | None = None
-
-    def log(self, record: dict[str, Any]) -> None:
-        if self.out:
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def start(self) -> None:
-        if self.out:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
-            (self.out / "recipe.json").write_text(self.recipe.to_json() + "\n")
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past ``step`` (written after the checkpoint a resumed run continues from)."""
-        path = self.out / "metrics.jsonl" if self.out else None
-        if path and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in keep))
-
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        if not self.ckpt:
-            return
-        save_checkpoint(self.ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "config": dataclasses.asdict(self.config), "recipe": self.recipe.to_dict(),
-                                    "rng": _rng_state(), "version": __version__})
-        self.last_good = step
-
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the checkpoint into model and optimizer; returns its step (0 when there is none)."""
-        if not self.ckpt:
-            raise ConfigError("resume needs an out_dir holding checkpoint.pt")
-        if not self.ckpt.exists():
-            print(f"edgetrain: no checkpoint at {self.ckpt}; starting a fresh run", file=sys.stderr)
-            return 0
-        ck = load_checkpoint(self.ckpt)
-        if ck.get("recipe") != self.recipe.to_dict():
-            raise CheckpointError(f"{self.ckpt}: was written with recipe {ck.get('recipe', {}).get('name')!r}, "
-                                  f"not {self.recipe.name!r} (or with other settings)")
-        old = ck["config"]
-        diff = [f for f in RUN_FIELDS if old.get(f) != getattr(self.config, f)]
-        if diff:
-            raise CheckpointError(f"{self.ckpt}: config differs in {diff} "
-                                  f"({', '.join(f'{f}={old.get(f)!r}' for f in diff)})")
-        own = model.state_dict()
-        missing, extra = sorted(set(own) - set(ck["model"])), sorted(set(ck["model"]) - set(own))
-        shape = sorted(k for k in set(own) & set(ck["model"]) if own[k].shape != ck["model"][k].shape)
-        if missing or extra or shape:
-            raise CheckpointError(f"{self.ckpt}: does not match the model (missing {missing[:3]}, unexpected "
-                                  f"{extra[:3]}, wrong shape {shape[:3]})")
-        model.load_state_dict(ck["model"])
-        try:
-            optimizer.load_state_dict(ck["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{self.ckpt}: optimizer state does not match ({e})") from None
-        _set_rng_state(ck["rng"])
-        self.last_good = int(ck["step"])
-        self.truncate_metrics(self.last_good)
-        return self.last_good
+    modes, rng = {m: m.training for m in model.modules()}, torch.get_rng_state()
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, take(x, 2))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{type(model).__name__} cannot run on the training batches (input {shape}): {first}") \
+            from None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        torch.set_rng_state(rng)
 
 
 def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | None = None, *, recipe: Any = None,
-          resume: bool = False, progress: bool = True,
+          resume: bool = False, force: bool = False, progress: bool = True,
           callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``model`` on ``train_data`` (an :class:`edgetrain.data.ImageData`) under ``recipe``.
 
-    The recipe is applied in place first (the handle is returned in the result). ``resume=True`` continues
-    from ``out_dir/checkpoint.pt`` when present. A NaN or infinite loss raises :class:`TrainingDiverged`
-    without touching the last good checkpoint. ``callback(step, metrics)`` runs after every step.
+    The recipe is applied in place first (the handle is returned in the result). With ``config.out_dir``, the run
+    owns that directory: an existing run there is continued with ``resume=True`` (from ``checkpoint.pt`` when
+    present, refused in one line if model, recipe, data or schedule differ) or replaced with ``force=True``, and
+    refused otherwise. A non-finite loss, gradient, parameter or buffer raises :class:`TrainingDiverged` naming
+    the step and the tensor, without touching the last good checkpoint. ``callback(step, metrics)`` runs after
+    every step.
     """
     from edgetrain.apply import apply_
 
     config = config or TrainConfig(epochs=1)
     recipe = as_recipe(recipe)
+    if resume and force:
+        raise ConfigError("train: give resume or force, not both (force replaces the run resume would continue)")
     if config.threads:
         torch.set_num_threads(config.threads)
     spe = train_data.steps_per_epoch(config.batch_size)
-    total = config.total_steps(spe)
+    total = smoke.cap(config.total_steps(spe), smoke.STEPS)
     first = next(iter(train_data.batches(config.batch_size, seed=config.seed, epoch=0)))[0]
+    _probe(model, first)
     handle = apply_(model, recipe, first)  # traced and checked on the first batch
-    optimizer = build_optimizer(model, config)
-    run = _Run(config, recipe)
-    _seed_all(config.seed)
-    step = run.resume(model, optimizer) if resume else 0
-    run.start()
-    t0, history, loss_value, accuracy = time.perf_counter(), [], float("nan"), None
-    bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {recipe.name}", unit="step",
-               dynamic_ncols=True, file=sys.stderr)
+    run = None
     try:
-        while step < total:
-            epoch, start = divmod(step, spe)
-            for x, y in train_data.batches(config.batch_size, seed=config.seed, epoch=epoch, start=start):
-                model.train()
-                loss = F.cross_entropy(model(x), y)
-                lr = lr_at(step, config, total)
-                if not torch.isfinite(loss):
-                    where = (f"last good checkpoint: {run.ckpt} (step {run.last_good})" if run.last_good is not None
-                             else "no checkpoint was written")
-                    raise TrainingDiverged(f"loss is {loss.item()} at step {step + 1} (lr {lr:.3g}); stopped. {where}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm:
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.step()
-                handle.step(step)
+        optimizer = build_optimizer(model, config)
+        fp = fingerprint(model, train_data, eval_data, config, recipe, total) if config.out_dir else {}
+        run = Run(config, recipe, fp, model)
+        if run.dir:
+            run.dir.open(resume=resume, force=force)
+        seed_all(config.seed)
+        step, loss_value = run.resume(model, optimizer, handle) if resume else (0, float("nan"))
+        run.write_meta()
+    except BaseException:  # nothing trained: the model is given back as it came
+        if run is not None and run.dir:
+            run.dir.close()
+        handle.remove()
+        raise
+    job = _Job(model, train_data, eval_data, config, recipe, handle, optimizer, run, total, spe)
+    try:
+        return _loop(job, step, loss_value, progress, callback)
+    finally:
+        if run.dir:
+            run.dir.close()
+
+
+@dataclasses.dataclass
+class _Job:
+    """What the loop works on (fixed for the run)."""
+
+    model: nn.Module
+    train_data: Any
+    eval_data: Any
+    config: TrainConfig
+    recipe: Any
+    handle: Any
+    optimizer: torch.optim.Optimizer
+    run: Run
+    total: int
+    steps_per_epoch: int
+
+    def __post_init__(self) -> None:
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # buffers that start finite must stay so (a mask buffer may hold -inf by design: it is not watched)
+        self.watched = {n for n, b in self.model.named_buffers() if nonfinite([(n, b)]) is None}
+
+
+def _step(job: _Job, x: Tensor, y: Tensor, step: int) -> tuple[float, float]:
+    """One optimizer step (0-based ``step``) with the divergence checks; returns (loss, lr)."""
+    model, optimizer, run = job.model, job.optimizer, job.run
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    lr = lr_at(step, job.config, job.total)
+    if not torch.isfinite(loss):
+        raise diverged(f"loss is {loss.item()}", step + 1, lr, run)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    bad = nonfinite((n, p.grad) for n, p in job.trainable)
+    if bad:
+        raise diverged(f"the gradient of {bad[0]} is {bad[1]}", step + 1, lr, run, " before the update")
+    if job.config.max_grad_norm:
+        nn.utils.clip_grad_norm_([p for _, p in job.trainable], job.config.max_grad_norm)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    job.handle.step(step)
+    bad = nonfinite([*(("parameter " + n, p) for n, p in job.trainable),
+                     *(("buffer " + n, b) for n, b in model.named_buffers() if n in job.watched)])
+    if bad:
+        raise diverged(f"{bad[0]} became {bad[1]}", step + 1, lr, run)
+    return loss.item(), lr
+
+
+def _evaluate(job: _Job, bar: Progress, at: str = "") -> float:
+    t0 = time.perf_counter()
+    bar.phase(f"evaluating on {len(job.eval_data):,} samples{at}")
+    accuracy = evaluate(job.model, job.eval_data, job.config.eval_batch_size)
+    bar.done(f"eval accuracy {accuracy:.4f}{at} ({time.perf_counter() - t0:.1f} s)")
+    return accuracy
+
+
+def _loop(job: _Job, step: int, loss_value: float, progress: bool, callback) -> TrainResult:  # noqa: ANN001
+    config, run = job.config, job.run
+    t0, history, accuracy = time.perf_counter(), [], None
+    bar = Progress(progress, f"train {job.recipe.name}", job.total, step)
+    try:
+        while step < job.total:
+            epoch, start = divmod(step, job.steps_per_epoch)
+            for x, y in job.train_data.batches(config.batch_size, seed=config.seed, epoch=epoch, start=start):
+                loss_value, lr = _step(job, x, y, step)
                 step += 1
-                loss_value = loss.item()
                 rec = {"step": step, "loss": loss_value, "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
-                if eval_data is not None and config.eval_every and step % config.eval_every == 0 and step < total:
-                    rec["eval_accuracy"] = evaluate(model, eval_data, config.eval_batch_size)
+                if job.eval_data is not None and config.eval_every and step % config.eval_every == 0 \
+                        and step < job.total:
+                    rec["eval_accuracy"] = _evaluate(job, bar, f" at step {step}")
                 run.log(rec)
                 history.append(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}")
+                bar.update(step, loss_value, lr)
                 if callback is not None:
                     callback(step, rec)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-                    run.save(model, optimizer, step)
-                if step >= total:
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < job.total:
+                    run.save(job.model, job.optimizer, job.handle, step, loss_value)
+                if step >= job.total:
                     break
-        if eval_data is not None:
-            accuracy = evaluate(model, eval_data, config.eval_batch_size)
-            run.log({"step": step, "eval_accuracy": accuracy})
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{accuracy:.3f}")
-        run.save(model, optimizer, step)
+        if job.eval_data is not None:
+            accuracy = _evaluate(job, bar)
+            run.log({"step": step, "eval_accuracy": accuracy, "final": True})
+        run.save(job.model, job.optimizer, job.handle, step, loss_value)
     finally:
         bar.close()
-    return TrainResult(step, loss_value, accuracy, history, run.ckpt, time.perf_counter() - t0, handle)
+    return TrainResult(step, loss_value, accuracy, history, run.ckpt, time.perf_counter() - t0, job.handle)

@@ -4,7 +4,13 @@ the model and its input shape only)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
 
+from edgetrain import smoke
+from edgetrain.errors import ConfigError
 from edgetrain.models import list_models
 from edgetrain.models.foreign import parse_args
 from edgetrain.recipe import Recipe
@@ -30,7 +36,9 @@ def add_model_args(g, *, pretrained: bool = True) -> None:  # noqa: ANN001  (a p
     g.add_argument("--channels", type=int, default=3, help="model input channels (default 3)")
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
+def add_workload_args(p: argparse.ArgumentParser, *, recipe: bool = True, eval_data: bool = True) -> None:
+    """The workload options; ``recipe=False`` / ``eval_data=False`` for a verb that uses no recipe / no test split
+    (an option a verb would ignore is not offered)."""
     g = p.add_argument_group("workload")
     add_model_args(g)
     g.add_argument("--data", default=None,
@@ -38,21 +46,52 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    "(default: Fashion-MNIST if installed, else digits)")
     g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     g.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of N training images")
-    g.add_argument("--eval-subset", type=int, default=None, help="use a fixed random subset of N test images")
+    if eval_data:
+        g.add_argument("--eval-subset", type=int, default=None, help="use a fixed random subset of N test images")
     g.add_argument("--seed", type=int, default=0, help="seed for model init, data order and subsets")
-    p.add_argument("--recipe", default=None, help="recipe file (.yaml/.json); default: plain training")
+    if recipe:
+        p.add_argument("--recipe", default=None, help="recipe file (.yaml/.json); default: plain training")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
 
 
 def workload(args: argparse.Namespace) -> Workload:
     """The workload of the parsed arguments; options a verb does not have take their defaults (no
-    ``--pretrained``: off)."""
-    return Workload(model=args.model, model_args=parse_args(args.model_arg), weights=args.weights,
-                    pretrained=getattr(args, "pretrained", False), data=getattr(args, "data", None),
-                    image_size=args.image_size, channels=args.channels, batch_size=getattr(args, "batch_size", 32),
-                    train_subset=getattr(args, "train_subset", None), eval_subset=getattr(args, "eval_subset", None),
-                    seed=getattr(args, "seed", 0))
+    ``--pretrained``: off). Smoke mode (:mod:`edgetrain.smoke`) shrinks image size and batch."""
+    wl = Workload(model=args.model, model_args=parse_args(args.model_arg), weights=args.weights,
+                  pretrained=getattr(args, "pretrained", False), data=getattr(args, "data", None),
+                  image_size=args.image_size, channels=args.channels, batch_size=getattr(args, "batch_size", 32),
+                  train_subset=getattr(args, "train_subset", None), eval_subset=getattr(args, "eval_subset", None),
+                  seed=getattr(args, "seed", 0))
+    if wl.pretrained and wl.channels != 3:
+        raise ConfigError(f"--channels {wl.channels}: the pretrained {wl.model} takes 3-channel images (gray data "
+                          "are replicated to 3 channels by default); drop --channels, or add --no-pretrained")
+    return smoke.workload(wl)
 
 
 def recipe(args: argparse.Namespace) -> Recipe:
-    return Recipe.load(args.recipe) if args.recipe else Recipe(name="plain")
+    if not args.recipe:
+        return Recipe(name="plain")
+    try:
+        return Recipe.load(args.recipe)
+    except UnicodeDecodeError:  # Recipe.load reads text: a binary file is not a recipe
+        raise ConfigError(f"{args.recipe}: not a recipe file (not UTF-8 text)") from None
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """edgetrain's warnings (:class:`edgetrain.data.DataWarning`) as ``edgetrain: warning: <message>`` lines on
+    stderr, each time they occur; other warnings as Python shows them."""
+    from edgetrain.data import DataWarning
+
+    show = warnings.showwarning
+
+    def line(message, category, filename, lineno, file=None, text=None):  # noqa: ANN001, PLR0913
+        if issubclass(category, DataWarning):
+            print(f"edgetrain: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            show(message, category, filename, lineno, file, text)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        warnings.showwarning = line
+        yield

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from edgetrain import smoke
 from edgetrain.cli._common import add_workload_args, workload
 
 
@@ -15,7 +16,8 @@ def add_parser(sub) -> None:
                        description="Measure (once, cached) how much each layer's bias and weight updates help on "
                        "the training data, then choose the scheme with the largest gain whose predicted trainable "
                        "state + saved activations fit --budget. -o writes a recipe for `edgetrain train --recipe`.")
-    add_workload_args(p)
+    add_workload_args(p, recipe=False, eval_data=False)  # the analysis scores on held-out training data
+    p.add_argument("--recipe", default=None, help=argparse.SUPPRESS)  # refused with a reason, see run()
     p.add_argument("--budget", default=None,
                    help="memory budget with a unit: B, KB, KiB, MB, MiB, GB, GiB (default: the device's)")
     p.add_argument("--device", default=None, help="device profile: mcu, raspberry_pi_4, jetson_nano, phone "
@@ -39,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from edgetrain.devices import format_size, get_device, parse_size
     from edgetrain.errors import ConfigError
     from edgetrain.plan import analyze, format_plan, plan
+    from edgetrain.train import finite
 
+    if args.recipe is not None:
+        raise ConfigError("plan takes no --recipe: it plans a sparse-update recipe from scratch and writes it with -o; "
+                          "to combine the plan with other techniques, add them to the written recipe (and check its "
+                          "memory with `edgetrain estimate --recipe`)")
     torch.set_num_threads(args.threads)
     device = get_device(args.device) if args.device else None
     if args.budget is None and device is None:
@@ -47,22 +54,28 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_size(args.budget) if args.budget is not None else device.train_budget
     wl = workload(args)
     batch = args.plan_batch_size or (device.batch_size if device else wl.batch_size)
-    contribution = analyze(wl, steps=args.analysis_steps, lr=args.analysis_lr, weight_last=args.weight_last,
-                           threads=args.threads, progress=not args.no_progress)
+    small = {"ks": [0, 1], "weight_last": min(args.weight_last, 2)} if smoke.active() else {}
+    contribution = analyze(wl, steps=smoke.cap(args.analysis_steps, smoke.ANALYSIS_STEPS), lr=args.analysis_lr,
+                           **{"weight_last": args.weight_last, **small}, threads=args.threads,
+                           progress=not args.no_progress)
     data = wl.load_data("train")
     model = wl.build_model(data.num_classes)
     p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, args.optimizer,
-             precision=args.precision)
+             precision=args.precision, flash=device.flash_bytes if device else None)
     if args.output:
-        p.recipe.save(args.output)
+        try:
+            p.recipe.save(args.output)
+        except OSError as e:
+            raise ConfigError(f"-o {args.output}: cannot write the plan ({e.strerror or e})") from None
     if args.json:
-        print(json.dumps({"recipe": p.recipe.to_dict(), "budget": budget, "predicted_bytes": p.predicted_bytes,
-                          "gain": p.gain, "estimate": p.predicted.to_dict(),
-                          "contribution": contribution.to_dict()}, indent=2))
+        print(json.dumps(finite({"recipe": p.recipe.to_dict(), "budget": budget, "predicted_bytes": p.predicted_bytes,
+                                 "gain": p.gain, "estimate": p.predicted.to_dict(),
+                                 "contribution": contribution.to_dict()}), indent=2, allow_nan=False))
         return 0
     dev = f" on {device.description}" if device else ""
-    print(f"plan for {wl.model}{dev}: budget {format_size(budget)} ({budget} B) for trainable state + saved "
-          f"activations, batch {batch}")
+    flash = " (frozen weights in flash where they fit)" if device and device.flash_bytes else ""
+    print(f"plan for {wl.model}{dev}: budget {format_size(budget)} ({budget} B) for the training step's peak "
+          f"RAM{flash}, batch {batch}")
     print(format_plan(p, model))
     if device and device.flash_bytes and p.predicted.param_bytes - p.predicted.grad_bytes > device.flash_bytes:
         print(f"note: the frozen weights ({format_size(p.predicted.param_bytes - p.predicted.grad_bytes)} in fp32) "

@@ -57,6 +57,13 @@ class ErrorBoundedCodec(Codec):
     def _raw(self, x: Tensor) -> Payload:
         return Payload(self, (x,), x.shape, x.dtype, {"raw": True})
 
+    def state_dict(self) -> dict:
+        """The (possibly adapted) error bound: the codec's only state."""
+        return {"eb": self.eb}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eb = float(state["eb"])
+
     def encode(self, x: Tensor) -> Payload:
         if not x.is_floating_point():
             raise ConfigError(f"ErrorBoundedCodec: needs a floating-point tensor, got {x.dtype}")

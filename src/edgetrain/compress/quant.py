@@ -122,6 +122,17 @@ class GroupQuantCodec(Codec):
         x = torch.addcmul(lo[:, None], q, step[:, None])  # (N * ng, G)
         return x.view(n, dp)[:, :d].reshape(payload.shape)
 
+    def state_dict(self) -> dict:
+        """The rounding-noise state (generator, encode count, and the pool while it is still in use): what a
+        resumed run needs to draw the same noise as an uninterrupted one."""
+        live = self._pool is not None and self._uses % _POOL_REFRESH != 0  # else the next encode redraws it
+        return {"generator": self._gen.get_state(), "uses": self._uses, "pool": self._pool if live else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._gen.set_state(state["generator"])
+        self._uses = int(state["uses"])
+        self._pool = state["pool"]
+
 
 def _rows(shape: tuple[int, ...], group_size: int) -> int:
     """Rows grouped separately: one per sample (ActNN's per-sample groups), unless a row is shorter than a group

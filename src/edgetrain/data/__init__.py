@@ -11,7 +11,7 @@ channels and normalises each batch, so Fashion-MNIST's 60,000 training images co
 
 from __future__ import annotations
 
-from edgetrain.data.core import ImageData, Transform, channel_stats
+from edgetrain.data.core import DataWarning, ImageData, Transform, channel_stats
 from edgetrain.data.files import load_image_folder, load_npz
 from edgetrain.data.idx import (
     DEBIAN_FASHION_MNIST,
@@ -26,6 +26,7 @@ from edgetrain.data.sources import IMAGENET_MEAN, IMAGENET_STD, default_source, 
 
 __all__ = [
     "DEBIAN_FASHION_MNIST",
+    "DataWarning",
     "FASHION_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

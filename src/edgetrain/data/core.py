@@ -17,6 +17,10 @@ from torch import Tensor
 
 from edgetrain.errors import ConfigError, DataError
 
+class DataWarning(UserWarning):
+    """Data that load but deserve a word (a source without a test split); the CLI prints ``edgetrain: warning:``."""
+
+
 UINT8_MAX = 255.0  # uint8 pixels scale to [0, 1] by /255 (the torchvision ToTensor convention)
 STATS_CHUNK_ELEMENTS = 1 << 22  # channel statistics work on chunks of about 4M values (16 MB of float32)
 

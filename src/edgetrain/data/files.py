@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import collections
-import zipfile
-import zlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from edgetrain.data.core import ImageData
+from edgetrain.data.core import DataWarning, ImageData
 from edgetrain.errors import DataError
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA"}  # Pillow modes kept as one channel; everything else becomes RGB
+MAX_CLASSES = 100_000  # more distinct labels than this are a damaged file, not a dataset (ImageNet-21k: 21,841)
 FLOAT_TOLERANCE = 1e-3  # float images may stray this far outside [0, 1] (rounding) before we refuse them
+
+
+def _same_as_training(path: Path, n: int | None, what: str) -> None:
+    count = f" ({n} samples)" if n is not None else ""
+    warnings.warn(f"{path}: has no test split (no {what}): the test split is the whole source{count}, the samples it "
+                  "trains on, so the accuracy reported is training accuracy", DataWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------- npz
@@ -30,7 +36,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except Exception as e:  # noqa: BLE001  (zipfile and numpy raise OSError, ValueError, EOFError, BadZipFile,
+        # zlib.error, NotImplementedError for unknown zip versions or methods, ...: whatever it is, it is not an .npz)
         reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise DataError(f"{path}: not a readable .npz file ({reason})") from None
 
@@ -86,10 +93,15 @@ def load_npz(path: Path, split: str) -> ImageData:
                         f"from {labels.min()}")
     images = _npz_images(x_arr, path, x_key)
     top = int(labels.max())
-    classes = [str(c) for c in arrays["classes"].tolist()] if "classes" in arrays else [str(i) for i in range(top + 1)]
+    if "classes" not in arrays and top >= MAX_CLASSES:
+        raise DataError(f"{path}: label {top} in '{y_key}' implies more than {MAX_CLASSES:,} classes (damaged labels?)")
+    classes = [str(c) for c in np.asarray(arrays["classes"]).reshape(-1).tolist()] if "classes" in arrays else \
+        [str(i) for i in range(top + 1)]
     if top >= len(classes):
         raise DataError(f"{path}: label {top} out of range for {len(classes)} classes")
     name = f"{path}:{split}" if x_key.endswith(f"_{split}") else str(path)
+    if split == "test" and x_key != "x_test":
+        _same_as_training(path, len(labels), "'x_test'/'y_test' arrays")
     return ImageData(images, torch.from_numpy(labels.astype(np.int64)), classes, name)
 
 
@@ -139,6 +151,8 @@ def load_image_folder(root: Path, split: str) -> ImageData:
         classes = sorted({c for s in present for c in _class_dirs(root / s)})
     else:
         base, classes = root, _class_dirs(root)
+        if split == "test":
+            _same_as_training(root, None, "train/ and test/ subfolders")
     files = [(f, label) for label, c in enumerate(classes) if (base / c).is_dir() for f in sorted((base / c).iterdir())
              if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
     if not files:

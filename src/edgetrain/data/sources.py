@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgetrain import smoke
 from edgetrain.data.core import ImageData, Transform, channel_stats
 from edgetrain.data.files import SPLITS, load_image_folder, load_npz
 from edgetrain.data.idx import DIGIT_CLASSES, find_fashion_mnist, has_idx_files, load_fashion_mnist, load_idx_dir, \
@@ -49,17 +50,21 @@ NAMED: dict[str, Callable[[str], ImageData]] = {
 }
 
 
+IDX_NAMED = ("fashion-mnist", "mnist")  # read from IDX files: a limit reads only that many samples
+
+
 def default_source() -> str:
     """``"fashion-mnist"`` when :func:`find_fashion_mnist` finds its IDX files, else ``"digits"``."""
     return "fashion-mnist" if find_fashion_mnist() is not None else "digits"
 
 
-def _load_raw(source: str | Path, split: str) -> ImageData:
+def _load_raw(source: str | Path, split: str, limit: int | None = None) -> ImageData:
+    """The split; IDX sources read only ``limit`` samples (the others are cut by the caller)."""
     if isinstance(source, str) and source in NAMED:
-        return NAMED[source](split)
+        return NAMED[source](split, limit) if source in IDX_NAMED else NAMED[source](split)
     path = Path(source)
     if path.is_dir():
-        return load_idx_dir(path, split) if has_idx_files(path) else load_image_folder(path, split)
+        return load_idx_dir(path, split, limit=limit) if has_idx_files(path) else load_image_folder(path, split)
     if path.is_file():
         if path.suffix.lower() == ".npz":
             return load_npz(path, split)
@@ -133,7 +138,8 @@ def load_data(source: str | Path | None = None, split: str = "train", *, image_s
         ConfigError: an option is invalid.
     """
     _check_options(split, image_size, channels, normalize, limit)
-    data = _load_raw(default_source() if source is None else source, split)
+    limit = smoke.cap(limit, smoke.SAMPLES)  # EDGETRAIN_SMOKE: a few samples (edgetrain.smoke)
+    data = _load_raw(default_source() if source is None else source, split, limit)
     if limit is not None and limit < len(data):
         data = dataclasses.replace(data, images=data.images[:limit].clone(), labels=data.labels[:limit].clone(),
                                    name=f"{data.name}[:{limit}]")

@@ -91,6 +91,37 @@ class CompressHandle(Undo):
         super().__init__()
         self.compressor = compressor
 
+    def _codecs(self) -> list[GroupQuantCodec]:
+        """The codecs this handle encodes with, in a fixed order: the compressor's default, then the one its
+        norm-op handler switches to (that handler closes over it; reached through the callback that
+        unregisters it, an ``(owner, handler)`` entry of :func:`edgetrain.ops.intercept`)."""
+        def cells(fn: object) -> list[object]:
+            out = []
+            for cell in getattr(fn, "__closure__", None) or ():
+                try:
+                    out.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+            return out
+
+        found = [self.compressor.codec]
+        for fn in self._undo:
+            for entry in cells(fn):
+                if isinstance(entry, tuple) and len(entry) == 2 and callable(entry[1]):
+                    found += [c for c in cells(entry[1]) if isinstance(c, GroupQuantCodec)]
+        return list(dict.fromkeys(found))
+
+    def state_dict(self) -> dict:
+        """The rounding-noise state of each codec (generator, noise pool, encode count)."""
+        return {"codecs": [c.state_dict() for c in self._codecs()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        codecs = self._codecs()
+        if len(state["codecs"]) != len(codecs):
+            raise ValueError(f"{len(state['codecs'])} saved codec states for {len(codecs)} codecs")
+        for codec, s in zip(codecs, state["codecs"]):
+            codec.load_state_dict(s)
+
 
 def _apply(model: nn.Module, cfg: ActNN, targets: list[str], structure: Structure) -> CompressHandle:
     codec = GroupQuantCodec(cfg.bits, cfg.group_size, cfg.noise)

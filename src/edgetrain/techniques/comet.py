@@ -110,6 +110,35 @@ class CometHandle(Undo):
         self.codecs: dict[str, ErrorBoundedCodec] = {}
         self.history: list[tuple[str, int, float]] = []
 
+    def _forwards(self) -> dict[str, int]:
+        """The per-layer training-forward counts that time the bound updates: the dict the layer handler of
+        :func:`_layer_handler` closes over (reached through the callback that unregisters it, an ``(owner,
+        handler)`` entry of :func:`edgetrain.ops.intercept`); empty when the handler keeps none."""
+        for fn in self._undo:
+            for cell in getattr(fn, "__closure__", None) or ():
+                try:
+                    entry = cell.cell_contents
+                except ValueError:
+                    continue
+                handler = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else None
+                code = getattr(handler, "__code__", None)
+                if code is not None and "counts" in code.co_freevars:
+                    return handler.__closure__[code.co_freevars.index("counts")].cell_contents
+        return {}
+
+    def state_dict(self) -> dict:
+        """Each layer's current error bound, the forward counts that time the next updates, and the update log."""
+        return {"eb": {name: c.state_dict()["eb"] for name, c in self.codecs.items()},
+                "forwards": dict(self._forwards()), "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, eb in state["eb"].items():
+            self.codecs.setdefault(name, type(self.compressor.codec)(eb)).load_state_dict({"eb": eb})
+        forwards = self._forwards()
+        forwards.clear()
+        forwards.update({str(k): int(v) for k, v in state["forwards"].items()})
+        self.history[:] = [(str(n), int(i), float(eb)) for n, i, eb in state["history"]]
+
 
 def new_bound(cfg: Comet, grad_out: Tensor, weight_grad: Tensor, input_scale: float = 1.0) -> float:
     """``eb = alpha * mean|G_W| * sqrt(3 / S) * input_scale`` clamped; ``S = mean_j sum_k Delta_kj^2``."""
