@@ -364,8 +364,16 @@ def measure(model: nn.Module, batch: Any,
             with phase("optimizer"):
                 optimizer.step()
 
-        census = record(census_step, sum(static.bytes.values()))
-        split, hidden, where = _split(census, static, meters, model, loss_keys)
+        grad_keys: set[int] = set()  # every gradient storage of the step (a fused step frees them as it goes)
+        grad_hooks = [p.register_hook(lambda g: grad_keys.add(storage_key(g))) for p in model.parameters()
+                      if p.requires_grad]
+        try:
+            census = record(census_step, sum(static.bytes.values()))
+        finally:
+            for h in grad_hooks:
+                h.remove()
+        grad_keys |= {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+        split, hidden, where = _split(census, static, meters, grad_keys, model, loss_keys)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -431,12 +439,11 @@ def _static(model: nn.Module, optimizer: torch.optim.Optimizer, x: Any, y: Any) 
     return _Static(sizes, keys, frozen)
 
 
-def _split(census, static: _Static, meters: list[SavedTensorMeter], model: nn.Module,  # noqa: ANN001
-           loss_keys: set[int]) -> tuple[dict[str, int], list[int], tuple[str, str]]:
+def _split(census, static: _Static, meters: list[SavedTensorMeter], grads: set[int],  # noqa: ANN001
+           model: nn.Module, loss_keys: set[int]) -> tuple[dict[str, int], list[int], tuple[str, str]]:
     """(bytes by category at the peak, hidden bytes per micro-batch, (phase, where)) from the step census."""
     from edgetrain.ops import state_tensors
 
-    grads = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
     state = {storage_key(t) for t in state_tensors(model) if isinstance(t, Tensor)}
     forwards = [(start, end) for name, start, end in census.ranges if name == "forward"]
     saved_allocs: set[int] = set()
@@ -451,7 +458,6 @@ def _split(census, static: _Static, meters: list[SavedTensorMeter], model: nn.Mo
         hidden_allocs |= mine
         hidden.append(sum(at_end[a].size for a in mine))
     hidden += [0] * (len(meters) - len(hidden))
-    final = census.live_at(len(census.events) - 1)
     split = dict(static.bytes)
     idx = census.peak_index
     where = ("", "")
@@ -461,8 +467,8 @@ def _split(census, static: _Static, meters: list[SavedTensorMeter], model: nn.Mo
                 cat = "saved"
             elif alloc in hidden_allocs:
                 cat = "hidden"
-            elif e.ptr in grads and alloc in final:
-                cat = "gradients"
+            elif e.ptr in grads and e.phase == "backward":
+                cat = "gradients"  # allocated in the backward at the address of a gradient of the step
             elif e.ptr in state:
                 cat = "state"  # e.g. a codec buffer (re)made in the step
             else:
