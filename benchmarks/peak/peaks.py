@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = BenchSpec.load(args.config)
-    paths = result_paths(args.out, f"{spec.work}-{args.name}", force=args.force)
+    paths = result_paths(args.out, f"{spec.work.lower()}-{args.name}", force=args.force)
     prov = provenance(args.threads, {"config": args.config, "workload": spec.workload.to_dict()})
     wl = spec.workload
     data = wl.load_data("train")
