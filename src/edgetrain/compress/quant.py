@@ -13,9 +13,11 @@ group size G (256, ActNN ``conf.py``) and split into groups. Per group:
 
 Noise. Drawing a fresh uniform per element (``noise="independent"``) costs more than the quantisation
 itself on CPU (about 14 ns per element with one thread, measured), so the default ``noise="pool"`` reads
-the uniforms from a pool of ``2**20`` i.i.d. U(0, 1) draws, redrawn every 64 encodes, starting at a random
-offset. Each element's noise is still exactly U(0, 1), so rounding stays unbiased; elements ``2**20``
-apart within one tensor share a draw (correlated, not biased).
+the uniforms from a pool of ``2 * 2**16`` i.i.d. U(0, 1) draws (512 KiB of fp32, allocated once and redrawn in
+place every 64 encodes; declared to the meter as technique state), each chunk of ``2**16`` elements starting at a
+random offset. Each element's noise is still exactly U(0, 1), so rounding stays unbiased; elements of one chunk
+position in different chunks may share a draw (correlated, not biased). The pool was ``2**21`` draws (8 MiB per
+codec) before the meter could see it: on small models it was most of ActNN's peak (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from edgetrain.compress.codec import Codec, Payload
 from edgetrain.errors import ConfigError
 
 NOISE_MODES = ("pool", "independent", "none")
-_POOL = 2**20  # noise pool size (4 MiB of fp32; transient, not saved for backward)
+_POOL = 2**16  # noise pool size: 2 x 2^16 fp32 = 512 KiB per codec, technique state the meter counts
 _POOL_REFRESH = 64
 
 
@@ -75,8 +77,10 @@ class GroupQuantCodec(Codec):
             return v.add_(0.5)
         if self.noise == "independent":
             return v.add_(torch.rand(v.shape, dtype=v.dtype, generator=self._gen).to(v.device))
-        if self._pool is None or self._uses % _POOL_REFRESH == 0 or self._pool.dtype != v.dtype:
-            self._pool = torch.rand(2 * _POOL, dtype=v.dtype, generator=self._gen).to(v.device)  # (2P,)
+        if self._pool is None or self._pool.dtype != v.dtype:
+            self._pool = torch.empty(2 * _POOL, dtype=v.dtype, device=v.device)  # (2P,), made once
+        if self._uses % _POOL_REFRESH == 0:
+            self._pool.uniform_(generator=self._gen)  # redrawn in place: no new allocation in a training step
         self._uses += 1
         for start in range(0, v.numel(), _POOL):
             chunk = v[start:start + _POOL]

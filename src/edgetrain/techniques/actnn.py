@@ -30,7 +30,7 @@ from edgetrain.compress.bitpack import SUPPORTED_BITS
 from edgetrain.compress.codec import SavedCompressor, compress_scopes
 from edgetrain.compress.masks import mask_dropout, mask_ops
 from edgetrain.compress.quant import NOISE_MODES, GroupQuantCodec, quant_payload_bytes
-from edgetrain.ops import Undo, intercept
+from edgetrain.ops import Undo, intercept, register_state
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import ACTIVATION_OPS, NORM_OPS, Structure
 from edgetrain.technique import Technique, check
@@ -87,29 +87,14 @@ class ActNN(Technique):
 class CompressHandle(Undo):
     """The removable change of a compression technique; ``compressor`` holds running encode statistics."""
 
-    def __init__(self, compressor: SavedCompressor) -> None:
+    def __init__(self, compressor: SavedCompressor, codecs: list | None = None) -> None:
         super().__init__()
         self.compressor = compressor
+        self.codecs = list(codecs or [])
 
     def _codecs(self) -> list[GroupQuantCodec]:
-        """The codecs this handle encodes with, in a fixed order: the compressor's default, then the one its
-        norm-op handler switches to (that handler closes over it; reached through the callback that
-        unregisters it, an ``(owner, handler)`` entry of :func:`edgetrain.ops.intercept`)."""
-        def cells(fn: object) -> list[object]:
-            out = []
-            for cell in getattr(fn, "__closure__", None) or ():
-                try:
-                    out.append(cell.cell_contents)
-                except ValueError:  # an empty cell
-                    pass
-            return out
-
-        found = [self.compressor.codec]
-        for fn in self._undo:
-            for entry in cells(fn):
-                if isinstance(entry, tuple) and len(entry) == 2 and callable(entry[1]):
-                    found += [c for c in cells(entry[1]) if isinstance(c, GroupQuantCodec)]
-        return list(dict.fromkeys(found))
+        """The codecs this handle encodes with, in a fixed order (the default, then the one for sensitive ops)."""
+        return self.codecs
 
     def state_dict(self) -> dict:
         """The rounding-noise state of each codec (generator, noise pool, encode count)."""
@@ -129,8 +114,9 @@ def _apply(model: nn.Module, cfg: ActNN, targets: list[str], structure: Structur
     if cfg.norm_bits not in (None, cfg.bits):
         norm_codec = GroupQuantCodec(cfg.norm_bits, cfg.group_size, cfg.noise, seed=1)
     compressor = SavedCompressor(lambda: [*model.parameters(), *model.buffers()], cfg.min_bytes, codec)
-    handle = CompressHandle(compressor)
+    handle = CompressHandle(compressor, list(dict.fromkeys([codec, norm_codec])))
     compressor.owner = handle
+    register_state(model, lambda: [c._pool for c in handle.codecs], handle)  # the rounding-noise pools
     scopes = compress_scopes(model, compressor, targets, handle)
     scope = None if scopes == [""] else (lambda name: structure.within(name, scopes))
     if cfg.relu_mask:
