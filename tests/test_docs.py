@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import runpy
 import shlex
@@ -66,7 +65,8 @@ KNOWN_BROKEN = {
 }
 #: blocks that take minutes even on the tiny workload (run with `make test-slow`)
 SLOW = {"benchmarks/gradient_filter/speed.py", "benchmarks/zoo/run.py", "benchmarks/plan/t1_budgets.py",
-        "benchmarks/compress/t1_compress.yaml", "benchmarks/plan/int8_plans.py", "benchmarks/gradient_filter/t1_gf.yaml"}
+        "benchmarks/compress/t1_compress.yaml", "benchmarks/plan/int8_plans.py",
+        "benchmarks/gradient_filter/t1_gf.yaml"}
 #: commands the docs show failing on purpose: (exit status, a fragment of the one-line error)
 EXPECTED_ERRORS = {"edgetrain plan --budget 2KB": (2, "is infeasible: the smallest"),
                    "edgetrain train --model small_cnn --data digits --image-size 8 --channels 1 --lr 1e6": (
