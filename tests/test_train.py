@@ -449,3 +449,36 @@ def test_nonfinite_finds_nan_and_inf_and_ignores_overflowing_sums():
     assert nonfinite([("h", torch.full((100_000,), 60_000.0, dtype=torch.float16))]) is None
     assert nonfinite([("d", torch.tensor([1e300], dtype=torch.float64)), ("i", torch.arange(3))]) is None
     assert nonfinite([("g", None), ("e", torch.empty(0))]) is None
+
+
+def _train_with(execution, digits, **kw):
+    tr, _ = digits
+    model = tiny_model(seed=2)
+    recipe = et.Recipe([et.Freeze()], name="head", execution=execution)
+    res = train(model, tr, None, cfg(steps=4, **kw), recipe=recipe, progress=False)
+    return model, res
+
+
+def test_the_recipes_fused_step_trains_bit_for_bit_like_the_ordinary_step(digits):
+    plain, _ = _train_with(et.Execution(), digits)
+    fused, res = _train_with(et.Execution(fused_step=True), digits)
+    assert_same(weights(plain), weights(fused))
+    w = fused.classifier.weight
+    loss = w.sum()
+    loss.backward()  # the run's hooks are gone: a later backward leaves a gradient and no update
+    assert w.grad is not None
+
+
+def test_the_recipes_micro_batches_run_and_their_loss_is_the_batchs(digits):
+    plain, a = _train_with(et.Execution(bn="frozen"), digits)
+    micro, b = _train_with(et.Execution(micro_batches=4, bn="frozen"), digits)
+    assert abs(a.history[0]["loss"] - b.history[0]["loss"]) < 1e-5  # same first batch, same weights
+    for (n, p), q in zip(plain.named_parameters(), micro.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_execution_settings_the_run_cannot_honour_are_one_line(digits):
+    with pytest.raises(et.ConfigError, match="max_grad_norm"):
+        _train_with(et.Execution(fused_step=True), digits, max_grad_norm=1.0)
+    with pytest.raises(et.ConfigError, match="more than the batch size"):
+        _train_with(et.Execution(micro_batches=32), digits)

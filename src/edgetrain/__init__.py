@@ -23,7 +23,7 @@ from edgetrain.errors import (
     WeightsError,
 )
 from edgetrain.measure import Measurement, measure
-from edgetrain.recipe import Recipe
+from edgetrain.recipe import Execution, Recipe
 from edgetrain.registry import TechniqueInfo, get, list_techniques, register
 from edgetrain.cost import CostTable, estimate
 from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, GradientFilter, Int8, SparseUpdate, Technique
@@ -44,6 +44,7 @@ __all__ = [
     "GradientFilter",
     "Int8",
     "Measurement",
+    "Execution",
     "Recipe",
     "SparseUpdate",
     "Technique",

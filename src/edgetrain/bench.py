@@ -26,6 +26,7 @@ import yaml
 
 from edgetrain import __version__, smoke
 from edgetrain.apply import apply_
+from edgetrain.execution import FusedStep
 from edgetrain.errors import ConfigError, TrainingDiverged
 from edgetrain.recipe import Recipe
 from edgetrain.train import finite
@@ -169,11 +170,18 @@ def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> di
         model = wl.build_model(train_data.num_classes)
         est = _estimate(model, recipe, wl, cfg, batch[0])
         apply_(model, recipe, batch[0])
-        m = measure(model, batch, optimizer=build_optimizer(model, cfg), warmup=1, repeats=spec.measure_repeats)
+        ex = recipe.execution
+        opt = build_optimizer(model, cfg)
+        fused = FusedStep(opt) if ex.fused_step else None
+        m = measure(model, batch, optimizer=fused or opt, warmup=1, repeats=spec.measure_repeats,
+                    micro=ex.micro_batches, bn=ex.bn)
+        if fused is not None:
+            fused.remove()
         t0 = time.perf_counter()
         try:
-            # already applied above; an empty recipe with its name labels the progress output
-            result = train(model, train_data, eval_data, cfg, recipe=Recipe(name=recipe.name), progress=progress)
+            # already applied above; an empty recipe with its name and execution labels the progress and runs the steps
+            result = train(model, train_data, eval_data, cfg, recipe=Recipe(name=recipe.name, execution=ex),
+                           progress=progress)
             accuracy, diverged = result.accuracy, None
         except TrainingDiverged as e:  # one recipe's divergence is a result, not the end of the bench
             accuracy, diverged = None, str(e)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from edgetrain import smoke
 from edgetrain.errors import ConfigError
+from edgetrain.execution import FusedStep, run_step
 from edgetrain.recipe import as_recipe
 from edgetrain.run import RUN_FIELDS, Progress, Run, diverged, finite, fingerprint, nonfinite, seed_all
 
@@ -198,6 +199,13 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
         raise ConfigError("train: give resume or force, not both (force replaces the run resume would continue)")
     if config.threads:
         torch.set_num_threads(config.threads)
+    ex = recipe.execution
+    if ex.fused_step and config.max_grad_norm:
+        raise ConfigError("train: the recipe's fused_step updates each parameter during the backward, so the global "
+                          "gradient norm max_grad_norm needs is never there; drop one of the two")
+    if ex.micro_batches > config.batch_size:
+        raise ConfigError(f"train: the recipe asks for {ex.micro_batches} micro-batches, more than the batch size "
+                          f"{config.batch_size}")
     spe = train_data.steps_per_epoch(config.batch_size)
     total = smoke.cap(config.total_steps(spe), smoke.STEPS)
     first = next(iter(train_data.batches(config.batch_size, seed=config.seed, epoch=0)))[0]
@@ -206,6 +214,8 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     run = None
     try:
         optimizer = build_optimizer(model, config)
+        if ex.fused_step:
+            optimizer = FusedStep(optimizer)
         fp = fingerprint(model, train_data, eval_data, config, recipe, total) if config.out_dir else {}
         run = Run(config, recipe, fp, model)
         if run.dir:
@@ -216,12 +226,16 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     except BaseException:  # nothing trained: the model is given back as it came
         if run is not None and run.dir:
             run.dir.close()
+        if isinstance(optimizer, FusedStep):
+            optimizer.remove()
         handle.remove()
         raise
     job = _Job(model, train_data, eval_data, config, recipe, handle, optimizer, run, total, spe)
     try:
         return _loop(job, step, loss_value, progress, callback)
     finally:
+        if isinstance(optimizer, FusedStep):  # its hooks would update the parameters in any later backward
+            optimizer.remove()
         if run.dir:
             run.dir.close()
 
@@ -248,23 +262,29 @@ class _Job:
 
 
 def _step(job: _Job, x: Tensor, y: Tensor, step: int) -> tuple[float, float]:
-    """One optimizer step (0-based ``step``) with the divergence checks; returns (loss, lr)."""
-    model, optimizer, run = job.model, job.optimizer, job.run
+    """One optimizer step (0-based ``step``) in the recipe's execution (micro-batches, fused step) with the
+    divergence checks; returns (loss, lr). A fused step updates during the backward, so a non-finite gradient shows
+    as a non-finite parameter right after it."""
+    model, optimizer, run, ex = job.model, job.optimizer, job.run, job.recipe.execution
     model.train()
-    loss = F.cross_entropy(model(x), y)
     lr = lr_at(step, job.config, job.total)
-    if not torch.isfinite(loss):
-        raise diverged(f"loss is {loss.item()}", step + 1, lr, run)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    bad = nonfinite((n, p.grad) for n, p in job.trainable)
-    if bad:
-        raise diverged(f"the gradient of {bad[0]} is {bad[1]}", step + 1, lr, run, " before the update")
-    if job.config.max_grad_norm:
-        nn.utils.clip_grad_norm_([p for _, p in job.trainable], job.config.max_grad_norm)
-    for g in optimizer.param_groups:
+    for g in optimizer.param_groups:  # before the backward: a fused step updates in it
         g["lr"] = lr
-    optimizer.step()
+
+    def loss_fn(out: Tensor, target: Tensor) -> Tensor:
+        loss = F.cross_entropy(out, target)
+        if not torch.isfinite(loss):
+            raise diverged(f"loss is {loss.item()}", step + 1, lr, run)
+        return loss
+
+    def before_update() -> None:
+        bad = nonfinite((n, p.grad) for n, p in job.trainable)
+        if bad:
+            raise diverged(f"the gradient of {bad[0]} is {bad[1]}", step + 1, lr, run, " before the update")
+        if job.config.max_grad_norm:
+            nn.utils.clip_grad_norm_([p for _, p in job.trainable], job.config.max_grad_norm)
+
+    loss = run_step(model, x, y, loss_fn, optimizer, ex.micro_batches, ex.bn, before_step=before_update)
     job.handle.step(step)
     bad = nonfinite([*(("parameter " + n, p) for n, p in job.trainable),
                      *(("buffer " + n, b) for n, b in model.named_buffers() if n in job.watched)])
