@@ -360,8 +360,8 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
         top = max((c for c in split if not (flash_note and c == "weights_frozen")), key=split.get)
         raise BudgetError(f"budget {format_size(budget)} ({budget} B) is infeasible: the smallest reachable peak is "
                           f"{format_size(smallest[2])} ({smallest[2]} B, classifier only, "
-                          f"{smallest[0].execution.micro_batches} micro-batches, fused optimizer step{flash_note}), "
-                          f"{format_size(split[top])} of it {top.replace('_', ' ')} at batch {batch_size}")
+                          f"{smallest[0].execution.micro_batches} micro-batches, fused optimizer step{flash_note}, "
+                          f"batch {batch_size}); its largest part is {top.replace('_', ' ')}: {format_size(split[top])}")
     overhead = smallest[2] - smallest[1].train_bytes  # what the peak holds beyond trainable state + saved
     target = budget - max(overhead, 0)
     for _ in range(6):  # the knapsack is on trainable state + saved bytes: check each scheme's peak and narrow

@@ -113,7 +113,8 @@ class Structure:
 
     def followers(self, layer: str, kinds: frozenset[str] = NORM_OPS) -> str | None:
         """The layer whose ``kinds`` op first reads ``layer``'s output (a conv's BatchNorm), if any."""
-        outs = {o for op in self.ops if op.module == layer and op.name in WEIGHT_OPS for o in op.outputs}
+        outs = {o for op in self.ops if op.name in WEIGHT_OPS and op.params and
+                op.params[0].rpartition(".")[0] == layer for o in op.outputs}  # the layer owns the op's weight
         for op in self.ops:
             if op.name in kinds and op.params and outs & set(op.inputs):
                 return op.params[0].rpartition(".")[0]
