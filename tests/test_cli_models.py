@@ -165,6 +165,7 @@ def test_weights_errors_absent_file_unknown_format_not_a_state_dict(tmp_path, ca
     (["--model", "et_user_nets:absent"], "has no 'absent'"),
     (["--model", "et_user_nets:tiny", "--model-arg", "width"], "expected key=value"),
     (["--model", "et_user_nets:tiny", "--model-arg", "depth=3"], "unexpected keyword argument 'depth'"),
+    (["--model", "small_cnn", "--model-arg", "in_channels=1"], "in_channels is set from the data"),
     (["--model", "et_user_nets:tiny", "--pretrained"],
      "pretrained weights exist only for mobilenet_v2; pass --weights FILE"),
 ])

@@ -55,10 +55,6 @@ SCRIPT_ARGS = {
 PEAK_PLANNER = ("the planner budgets the step's peak since 96dc25c: MobileNetV2's 8.5 MiB of frozen fp32 weights make "
                 "this budget infeasible; docs/planner.md and README.md need budgets (or a model) that fit")
 KNOWN_BROKEN = {
-    "benchmarks/approx/step_time.py": "calls et.apply_(m, ApproxMultiply(...)) without the example= inputs apply_ now "
-                                      "needs for a model without default_input_size; pass x[:2]",
-    "benchmarks/compress/bnn_t2.py": "calls et.apply_(models['edge'], BNNEdge()) without the example= inputs apply_ "
-                                     "now needs; pass batch[0][:2]",
     "edgetrain plan --budget 8MB": PEAK_PLANNER,
     "edgetrain plan --budget 256KB --device mcu": PEAK_PLANNER,
     "edgetrain plan --model mobilenet_v2 --budget 256KB --device mcu": PEAK_PLANNER,

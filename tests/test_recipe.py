@@ -44,3 +44,11 @@ def test_malformed_yaml_and_missing_file(tmp_path):
         et.Recipe.load(tmp_path / "r.yaml")
     with pytest.raises(et.ConfigError, match="cannot read recipe"):
         et.Recipe.load(tmp_path / "missing.json")
+
+
+def test_a_binary_file_as_a_recipe_is_one_line(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(b"PK\x03\x04\xff\xfe binary")
+    with pytest.raises(et.ConfigError, match="not UTF-8 text") as e:
+        et.Recipe.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

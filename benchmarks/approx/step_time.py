@@ -45,7 +45,7 @@ def main() -> None:
         for mult, spec in MULTIPLIERS.items():
             m = copy.deepcopy(base)
             if spec is not None:
-                et.apply_(m, ApproxMultiply(model=spec[0], mantissa_bits=spec[1]))
+                et.apply_(m, ApproxMultiply(model=spec[0], mantissa_bits=spec[1]), x[:2])
             models[mult] = (m, torch.optim.Adam(m.parameters(), lr=1e-3))
         times: dict[str, list[float]] = {k: [] for k in models}
 

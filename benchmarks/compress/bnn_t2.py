@@ -78,9 +78,9 @@ def main() -> None:
     torch.manual_seed(0)
     base = binary_mlp()
     models = {"standard": copy.deepcopy(base), "edge": copy.deepcopy(base)}
-    et.apply_(models["edge"], BNNEdge())
     x, y = next(iter(train.batches(args.batch_size, seed=0)))
     batch = (_inputs(x), y)
+    et.apply_(models["edge"], BNNEdge(), batch[0][:2])
     meas = {k: measure(m, batch, optimizer=_optimizer(m, args.lr), repeats=1) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(args.repeats):  # interleave plain and edge so both see the same machine load

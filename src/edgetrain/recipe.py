@@ -166,9 +166,12 @@ class Recipe:
         """Read a recipe file (YAML or JSON by suffix); errors name the file."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read recipe: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a recipe (not UTF-8 text: byte {e.start} is {e.object[e.start]:#04x})") \
+                from None
         try:
             return cls.from_yaml(text) if path.suffix in (".yaml", ".yml") else cls.from_json(text)
         except ConfigError as e:

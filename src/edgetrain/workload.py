@@ -52,6 +52,11 @@ class Workload:
     def __post_init__(self) -> None:
         if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
             raise ConfigError(f"Workload.model_args: must be a mapping of argument names, got {self.model_args!r}")
+        reserved = sorted({"num_classes", "in_channels", "image_size"} & set(self.model_args))
+        if reserved:
+            raise ConfigError(f"Workload.model_args: {', '.join(reserved)} {'is' if len(reserved) == 1 else 'are'} set "
+                              "from the data and the workload (--channels, --image-size, the data's classes), not "
+                              "as a model argument")
         if self.weights is not None and not isinstance(self.weights, str):
             raise ConfigError(f"Workload.weights: must be a file name or null, got {self.weights!r}")
         if self.pretrained is None:  # frozen: resolve the default in place

@@ -101,42 +101,26 @@ class Comet(Technique):
 
 
 class CometHandle(Undo):
-    """Removable change; ``codecs`` maps layer name -> its codec (``.eb``), ``history`` logs bound updates
-    as ``(layer, forward_count, eb)``, ``compressor`` holds encode totals (``payload_bytes / encoded_bytes``)."""
+    """Removable change; ``codecs`` maps layer name -> its codec (``.eb``), ``forwards`` counts each layer's
+    training forwards, ``history`` logs bound updates as ``(layer, forward_count, eb)``, ``compressor`` holds encode totals (``payload_bytes / encoded_bytes``)."""
 
     def __init__(self, compressor: SavedCompressor) -> None:
         super().__init__()
         self.compressor = compressor
         self.codecs: dict[str, ErrorBoundedCodec] = {}
         self.history: list[tuple[str, int, float]] = []
-
-    def _forwards(self) -> dict[str, int]:
-        """The per-layer training-forward counts that time the bound updates: the dict the layer handler of
-        :func:`_layer_handler` closes over (reached through the callback that unregisters it, an ``(owner,
-        handler)`` entry of :func:`edgetrain.ops.intercept`); empty when the handler keeps none."""
-        for fn in self._undo:
-            for cell in getattr(fn, "__closure__", None) or ():
-                try:
-                    entry = cell.cell_contents
-                except ValueError:
-                    continue
-                handler = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else None
-                code = getattr(handler, "__code__", None)
-                if code is not None and "counts" in code.co_freevars:
-                    return handler.__closure__[code.co_freevars.index("counts")].cell_contents
-        return {}
+        self.forwards: dict[str, int] = {}  # training forwards per layer: they time the bound updates
 
     def state_dict(self) -> dict:
         """Each layer's current error bound, the forward counts that time the next updates, and the update log."""
         return {"eb": {name: c.state_dict()["eb"] for name, c in self.codecs.items()},
-                "forwards": dict(self._forwards()), "history": [list(h) for h in self.history]}
+                "forwards": dict(self.forwards), "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
         for name, eb in state["eb"].items():
             self.codecs.setdefault(name, type(self.compressor.codec)(eb)).load_state_dict({"eb": eb})
-        forwards = self._forwards()
-        forwards.clear()
-        forwards.update({str(k): int(v) for k, v in state["forwards"].items()})
+        self.forwards.clear()
+        self.forwards.update({str(k): int(v) for k, v in state["forwards"].items()})
         self.history[:] = [(str(n), int(i), float(eb)) for n, i, eb in state["history"]]
 
 
@@ -153,7 +137,7 @@ def new_bound(cfg: Comet, grad_out: Tensor, weight_grad: Tensor, input_scale: fl
 
 def _layer_handler(cfg: Comet, handle: CometHandle, owner: dict[int, str], modules: dict[str, nn.Module]):
     """Per-layer codec for the op of each layer and, when adaptive, its bound updates from that op's gradients."""
-    counts: dict[str, int] = {}
+    counts = handle.forwards
     raw = IdentityCodec()
 
     def handle_call(call: Call) -> Any:
