@@ -1,4 +1,4 @@
-"""fp32 vs int8 plans from a recorded T1 contribution analysis: predicted vs measured memory (no training).
+"""fp32 vs int8 plans from a recorded T1 contribution analysis: predicted vs measured peak (no training).
 
     python benchmarks/plan/int8_plans.py benchmarks/results/t1-plan-<date>.json --out benchmarks/results/t1-int8-plans-<date>.json
 """
@@ -17,7 +17,7 @@ from edgetrain.errors import BudgetError
 from edgetrain.measure import measure
 from edgetrain.plan import Contribution, plan
 
-CASES = [("256KiB", 1), ("1MB", 32), ("8MB", 32), ("64MB", 32)]
+CASES = [("12MB", 32), ("16MB", 32), ("32MB", 32), ("64MB", 32)]
 
 
 def main() -> None:
@@ -43,13 +43,13 @@ def main() -> None:
                 rows.append({"budget": budget, "batch": batch, "precision": precision, "infeasible": str(e)})
                 continue
             m = measure(model, (x[:batch], y[:batch]), recipe=pl.recipe, repeats=2)
-            measured = m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes
             rows.append({"budget": budget, "batch": batch, "precision": precision, "recipe": pl.recipe.to_dict(),
-                         "predicted_train_bytes": pl.predicted_bytes, "measured_train_bytes": measured,
-                         "saved_bytes": m.saved_bytes, "predicted_gain": pl.gain})
+                         "predicted_peak_bytes": pl.peak.bytes, "measured_peak_bytes": m.peak_bytes,
+                         "predicted_train_bytes": pl.predicted.train_bytes, "saved_bytes": m.saved_bytes,
+                         "predicted_gain": pl.gain})
             print(f"{budget:>7s} b{batch:<3d} {precision}: {pl.recipe.techniques[0].bias_last_k} biases, weights "
-                  f"{pl.weights or '-'}; predicted {format_size(pl.predicted_bytes)}, measured {format_size(measured)}, "
-                  f"saved {format_size(m.saved_bytes)}, gain {100 * pl.gain:+.2f}")
+                  f"{pl.weights or '-'}; predicted peak {format_size(pl.peak.bytes)}, measured peak "
+                  f"{format_size(m.peak_bytes)}, saved {format_size(m.saved_bytes)}, gain {100 * pl.gain:+.2f}")
     out = {"provenance": provenance(args.threads, {"source": args.results}), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

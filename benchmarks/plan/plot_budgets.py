@@ -1,5 +1,5 @@
-"""Budget plot of a planner results file: predicted and measured trainable-state + activation bytes per plan
-against its budget, and accuracy.
+"""Budget plot of a planner results file: predicted and measured peak of the training step per plan against its
+budget, and accuracy.
 
     python benchmarks/plan/plot_budgets.py benchmarks/results/t1-plan-<date>.json   # writes ...-budget.png
 
@@ -25,8 +25,8 @@ KiB = 1024
 def figure(rows: list[dict]):  # noqa: ANN201  (a matplotlib Figure)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [1.25, 1]})
     for i, r in enumerate(rows):
-        measured = r.get("train_bytes_at_plan_batch", r["train_bytes"]) / KiB
-        predicted = r.get("predicted_train_bytes", r["estimate_train_bytes"])
+        measured = r.get("peak_bytes_at_plan_batch", r["peak_bytes"]) / KiB
+        predicted = r.get("predicted_peak_bytes")
         ax.scatter(i, measured, c="C0", zorder=3, label="measured (meter)" if i == 0 else None)
         if predicted is not None:
             ax.scatter(i, predicted / KiB, marker="x", c="C1", s=60, zorder=4,
@@ -41,7 +41,7 @@ def figure(rows: list[dict]):  # noqa: ANN201  (a matplotlib Figure)
     names = [r["name"] + (f"\n(batch {r['plan_batch']})" if r.get("plan_batch", 32) != 32 else "") for r in rows]
     for a in (ax, ax2):
         a.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-    ax.set(yscale="log", ylabel="trainable weights + grads + optimizer + saved (KiB)",
+    ax.set(yscale="log", ylabel="peak of the training step (KiB)",
            title="memory: budget, prediction, measurement")
     ax.autoscale_view()
     plain_log_ticks(ax.yaxis)
