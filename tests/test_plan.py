@@ -99,8 +99,20 @@ def test_an_infeasible_peak_budget_names_the_smallest_reachable_peak():
     model = create_model("small_cnn", num_classes=10, in_channels=1)
     c = _contribution(model, {conv_names(model)[2]: {1.0: 0.05}})
     with pytest.raises(et.BudgetError, match=r"infeasible: the smallest reachable peak is .* classifier only, \d+ "
-                                             r"micro-batches, fused optimizer step, batch 16\); its largest part is weights frozen: "):
+                                             r"micro-batch(es)?, fused optimizer step, batch 16\); its largest part is weights frozen: "):
         plan(model, c, 1000, (1, 8, 8), 16)
+
+
+def test_frozen_int8_plans_store_the_frozen_weights_in_a_quarter_and_the_meter_agrees():
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    c = _contribution(model, {conv_names(model)[2]: {1.0: 0.05}})
+    fp32 = plan(model, c, 10**9, (1, 8, 8), 16)
+    int8 = plan(model, c, 10**9, (1, 8, 8), 16, frozen="int8")
+    assert "int8_frozen" in int8.recipe.technique_names and "int8_frozen" not in fp32.recipe.technique_names
+    f32, i8 = fp32.peak.split["weights_frozen"], int8.peak.split["weights_frozen"]
+    assert 0.24 * f32 <= i8 <= 0.30 * f32  # 1 byte instead of 4, plus per-channel scales
+    m = et.measure(model, (torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))), recipe=int8.recipe, repeats=1)
+    assert abs(m.peak_bytes - int8.predicted_bytes) <= 0.10 * m.peak_bytes
 
 
 def test_cli_plan_then_train_on_t3(tmp_path, monkeypatch, capsys):

@@ -358,9 +358,10 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
         flash_note = " (frozen weights in flash)" if flash is not None and split.get("weights_frozen", 0) <= flash \
             else ""
         top = max((c for c in split if not (flash_note and c == "weights_frozen")), key=split.get)
+        m = smallest[0].execution.micro_batches
         raise BudgetError(f"budget {format_size(budget)} ({budget} B) is infeasible: the smallest reachable peak is "
                           f"{format_size(smallest[2])} ({smallest[2]} B, classifier only, "
-                          f"{smallest[0].execution.micro_batches} micro-batches, fused optimizer step{flash_note}, "
+                          f"{m} micro-batch{'es' if m > 1 else ''}, fused optimizer step{flash_note}, "
                           f"batch {batch_size}); its largest part is {top.replace('_', ' ')}: {format_size(split[top])}")
     overhead = smallest[2] - smallest[1].train_bytes  # what the peak holds beyond trainable state + saved
     target = budget - max(overhead, 0)

@@ -14,8 +14,9 @@ from edgetrain.cli._common import add_workload_args, workload
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="pick a sparse-update scheme that fits a memory budget",
                        description="Measure (once, cached) how much each layer's bias and weight updates help on "
-                       "the training data, then choose the scheme with the largest gain whose predicted trainable "
-                       "state + saved activations fit --budget. -o writes a recipe for `edgetrain train --recipe`.")
+                       "the training data, then choose the scheme with the largest gain, and how to run it (frozen part "
+                       "as inference, fused optimizer step, micro-batches), whose predicted peak RAM of the training "
+                       "step fits --budget. -o writes a recipe for `edgetrain train --recipe`.")
     add_workload_args(p, recipe=False, eval_data=False)  # the analysis scores on held-out training data
     p.add_argument("--recipe", default=None, help=argparse.SUPPRESS)  # refused with a reason, see run()
     p.add_argument("--budget", default=None,
@@ -28,6 +29,9 @@ def add_parser(sub) -> None:
                    help="optimizer state counted in the budget (default sgd_momentum, as `edgetrain train`)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                    help="train the chosen weights in fp32 (default) or as int8 with QAS (whole weights only)")
+    p.add_argument("--frozen", choices=["fp32", "int8"], default="fp32",
+                   help="store the frozen weights in fp32 (default, exact) or int8 per channel (Int8Frozen: a "
+                   "quarter of the bytes, lossy with a stated bound)")
     p.add_argument("--analysis-steps", type=int, default=100, help="steps of each analysis run (default 100)")
     p.add_argument("--analysis-lr", type=float, default=0.01, help="learning rate of the analysis runs")
     p.add_argument("--weight-last", type=int, default=12,
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     data = wl.load_data("train")
     model = wl.build_model(data.num_classes)
     p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, args.optimizer,
-             precision=args.precision, flash=device.flash_bytes if device else None)
+             precision=args.precision, flash=device.flash_bytes if device else None, frozen=args.frozen)
     if args.output:
         try:
             p.recipe.save(args.output)
@@ -77,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"plan for {wl.model}{dev}: budget {format_size(budget)} ({budget} B) for the training step's peak "
           f"RAM{flash}, batch {batch}")
     print(format_plan(p, model))
-    if device and device.flash_bytes and p.predicted.param_bytes - p.predicted.grad_bytes > device.flash_bytes:
-        print(f"note: the frozen weights ({format_size(p.predicted.param_bytes - p.predicted.grad_bytes)} in fp32) "
+    frozen = p.peak.split.get("weights_frozen", 0) if p.peak is not None else 0
+    if device and device.flash_bytes and frozen > device.flash_bytes:
+        print(f"note: the frozen weights ({format_size(frozen)} in {args.frozen}) "
               f"exceed the device's {format_size(device.flash_bytes)} flash: TTE deploys int8 models "
               "(MobileNetV2-w0.35, MCUNet) there")
     if args.output:
