@@ -40,6 +40,17 @@ def test_measure_json_prints_every_contract_field_measured(capsys, tmp_path):
     assert head["optimizer_bytes"] < plain["optimizer_bytes"]
 
 
+def test_measure_runs_the_recipes_execution(capsys, tmp_path):
+    """`measure --recipe` runs the recipe's micro-batches, as `train` does: what a step saves is one micro-batch's."""
+    (tmp_path / "r.yaml").write_text("name: plain\ntechniques: []\n")
+    (tmp_path / "m.yaml").write_text("name: micro\ntechniques: []\nexecution: {micro_batches: 4, fused_step: true}\n")
+    got = {}
+    for name in ("r", "m"):
+        assert main(["measure", *T3, "--repeats", "1", "--json", "--recipe", str(tmp_path / f"{name}.yaml")]) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    assert got["m"]["saved_bytes"] <= 0.3 * got["r"]["saved_bytes"]  # a quarter of the batch, plus fixed parts
+
+
 def test_train_writes_checkpoint_metrics_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", *T3, "--steps", "6", "--checkpoint-every", "3", "--out", str(out), "--no-progress",

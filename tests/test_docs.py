@@ -52,19 +52,14 @@ SCRIPT_ARGS = {
 #: commands broken by a change outside this test's files, by the start of their argv (after the rewriting below):
 #: each must still fail (when it passes, its entry must go), the rest of its block still runs, and the block is
 #: reported as an expected failure naming the reason
-PEAK_PLANNER = ("the planner budgets the step's peak since 96dc25c: MobileNetV2's 8.5 MiB of frozen fp32 weights make "
-                "this budget infeasible; docs/planner.md and README.md need budgets (or a model) that fit")
-KNOWN_BROKEN = {
-    "edgetrain plan --budget 8MB": PEAK_PLANNER,
-    "edgetrain plan --budget 256KB --device mcu": PEAK_PLANNER,
-    "edgetrain plan --model mobilenet_v2 --budget 256KB --device mcu": PEAK_PLANNER,
-}
+KNOWN_BROKEN: dict[str, str] = {}
 #: blocks that take minutes even on the tiny workload (run with `make test-slow`)
 SLOW = {"benchmarks/gradient_filter/speed.py", "benchmarks/zoo/run.py", "benchmarks/plan/t1_budgets.py",
         "benchmarks/compress/t1_compress.yaml", "benchmarks/plan/int8_plans.py",
         "benchmarks/gradient_filter/t1_gf.yaml"}
 #: commands the docs show failing on purpose: (exit status, a fragment of the one-line error)
 EXPECTED_ERRORS = {"edgetrain plan --budget 2KB": (2, "is infeasible: the smallest"),
+                   "edgetrain plan --device mcu": (2, "is infeasible: the smallest"),
                    "edgetrain train --model small_cnn --data digits --image-size 8 --channels 1 --lr 1e6": (
                        2, "became inf at step")}
 #: commands that are tiny already and whose point needs their whole schedule: run without smoke mode

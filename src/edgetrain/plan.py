@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import math
 import os
 import time
@@ -162,15 +163,20 @@ def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | Non
     todo = [SparseUpdate(bias_last_k=k) for k in sorted(set(ks) | {k_ref})]
     todo += [SparseUpdate(bias_last_k=k_ref, weights={c: r}) for c in cands for r in ratios]
     cfg = TrainConfig(steps=steps, lr=lr, optimizer="sgd", momentum=0.9, schedule="cosine", threads=threads)
-    bar = tqdm(todo, desc="contribution analysis", disable=not progress, unit="run")
+    tty = sys.stderr.isatty()  # a bar in a terminal; in a log, one line per finished run
+    bar = tqdm(todo, desc="contribution analysis", disable=not progress or not tty, unit="run")
     t0 = time.perf_counter()
-    for su in bar:
+    for i, su in enumerate(bar, 1):
         name = json.dumps(su.to_dict(), sort_keys=True)
         if name in runs:
             continue
         model = workload.build_model(train_data.num_classes)
+        t_run = time.perf_counter()
         train(model, train_data, None, cfg, recipe=su, progress=False)
         runs[name] = evaluate(model, eval_data)
+        if progress and not tty:
+            print(f"contribution analysis: run {i}/{len(todo)} (biases of the last {su.bias_last_k} convs, weights {su.weights or 'none'}): {100 * runs[name]:.1f}% "
+                  f"({time.perf_counter() - t_run:.0f} s)", file=sys.stderr, flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": key, "runs": runs}, indent=1))

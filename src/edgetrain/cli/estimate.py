@@ -8,6 +8,7 @@ import json
 import torch
 
 from edgetrain.cli._common import add_model_args, recipe, workload
+from edgetrain.run import finite
 
 
 def add_parser(sub) -> None:
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     table = estimate(model, rec, batch_size=wl.batch_size, optimizer=args.optimizer,
                      example=wl.example_input(zeros=True))
     if args.json:
-        print(json.dumps(table.to_dict(), indent=2))
+        print(json.dumps(finite(table.to_dict()), indent=2, allow_nan=False))
     else:
         print(f"{wl.model}, input {wl.channels}x{wl.image_size}x{wl.image_size}, recipe {rec.name!r} (estimate, "
               "not a measurement; `edgetrain measure` measures)")

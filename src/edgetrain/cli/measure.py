@@ -8,6 +8,8 @@ import json
 import torch
 
 from edgetrain.cli._common import add_workload_args, recipe, workload
+from edgetrain.execution import FusedStep
+from edgetrain.run import finite
 
 
 def add_parser(sub) -> None:
@@ -34,9 +36,16 @@ def run(args: argparse.Namespace) -> int:
     batch = wl.example_batch(data)
     apply_(model, rec, batch[0])
     opt = build_optimizer(model, TrainConfig(steps=1, optimizer=args.optimizer, lr=args.lr))
-    m = measure(model, batch, optimizer=opt, warmup=1, repeats=args.repeats)
+    ex = rec.execution  # the recipe's micro-batches and fused step run as in `edgetrain train`
+    fused = FusedStep(opt) if ex.fused_step else None
+    try:
+        m = measure(model, batch, optimizer=fused or opt, warmup=1, repeats=args.repeats, micro=ex.micro_batches,
+                    bn=ex.bn)
+    finally:
+        if fused is not None:
+            fused.remove()
     if args.json:
-        print(json.dumps({"recipe": rec.name, **m.to_dict()}, indent=2))
+        print(json.dumps(finite({"recipe": rec.name, **m.to_dict()}), indent=2, allow_nan=False))
     else:
         print(f"{wl.model} on {data.name}, batch {wl.batch_size}x{wl.channels}x{wl.image_size}x{wl.image_size}, "
               f"recipe {rec.name!r}")
