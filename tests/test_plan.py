@@ -115,6 +115,26 @@ def test_frozen_int8_plans_store_the_frozen_weights_in_a_quarter_and_the_meter_a
     assert abs(m.peak_bytes - int8.predicted_bytes) <= 0.10 * m.peak_bytes
 
 
+def test_patch_execution_is_planned_only_where_nothing_fits_without_it():
+    """mcunet_tiny at 64x64, batch 1, frozen weights in the MCU's flash: the plain classifier-only step needs more than
+    256 KiB of RAM (the first blocks' fp32 feature maps); the plan tiles the first frozen blocks and the meter's RAM
+    peak (peak less the frozen weights) is the prediction and fits. A generous budget gets no tiles."""
+    from edgetrain.devices import get_device
+
+    torch.manual_seed(0)
+    model = create_model("mcunet_tiny", num_classes=10).train()
+    c = Contribution(baseline=0.1, bias={0: 0.0}, weights={}, k_ref=0, meta={})
+    flash = get_device("mcu").flash_bytes
+    tight = plan(model, c, 256 * 1024, (3, 64, 64), 1, flash=flash)
+    assert "patch_execute" in tight.recipe.technique_names
+    m = et.measure(model, (torch.randn(1, 3, 64, 64), torch.randint(0, 10, (1,))), recipe=tight.recipe, repeats=1)
+    ram = m.ram_peak(flash=True)
+    assert ram <= 256 * 1024 and abs(ram - tight.predicted_bytes) <= 0.10 * ram
+    loose = plan(model, c, 10**9, (3, 64, 64), 1, flash=flash)
+    assert "patch_execute" not in loose.recipe.technique_names
+    assert loose.predicted_bytes > 256 * 1024  # the tiles were needed
+
+
 def test_cli_plan_then_train_on_t3(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "plan.json"

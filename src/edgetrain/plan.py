@@ -283,6 +283,9 @@ def search(contribution: Contribution, bias_memory: dict[int, int], weight_cost:
 
 PRECISIONS = ("fp32", "int8")
 FROZEN = ("fp32", "int8")
+#: PatchExecute (blocks, patches) settings tried, in order, when no execution fits without it: the configurations
+#: measured in docs/techniques.md (mcunet_tiny 64x64 batch 1, classifier only: (4, 3) gives the smallest peak)
+PATCHES = ((4, 2), (4, 3), (6, 3))
 
 
 def executions(batch_size: int) -> list[Execution]:
@@ -308,12 +311,14 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
     has ``flash`` bytes for them and they fit. Schemes are searched as before (the exact knapsack over the additive
     gains, on their trainable state + saved activations); each candidate is then run as a recipe with the frozen
     part as inference (:class:`~edgetrain.techniques.FrozenInference`), frozen weights as ``frozen`` (``int8``:
-    :class:`~edgetrain.techniques.Int8Frozen`), the fused optimizer step and as few micro-batches as fit; its peak
+    :class:`~edgetrain.techniques.Int8Frozen`), the fused optimizer step and as few micro-batches as fit, and only
+    if nothing fits so, the first frozen blocks in patches (:class:`~edgetrain.techniques.PatchExecute`, the
+    settings of :data:`PATCHES`, where the model and scheme allow it); its peak
     is predicted, and an overshoot narrows the search. ``precision="int8"`` trains the chosen weights as int8 with
     QAS (whole weights only; the gains are the fp32 analysis's: on T1, int8 with QAS matched fp32, 88.6% vs 88.5%,
     docs/planner.md). An infeasible budget names the smallest reachable peak and what dominates it, in one line.
     """
-    from edgetrain.techniques import FrozenInference, Int8, Int8Frozen
+    from edgetrain.techniques import FrozenInference, Int8, Int8Frozen, PatchExecute
 
     if precision not in PRECISIONS:
         raise ConfigError(f"plan: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -332,7 +337,8 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
                    for r in d}
     suffix = "-int8" if precision == "int8" else ""
     name = name or f"plan-{format_size(budget).replace(' ', '')}{suffix}"
-    def recipe_for(cfg: SparseUpdate, ex: Execution) -> Recipe:
+    def techniques_for(cfg: SparseUpdate, patch: tuple[int, int] | None) -> list | None:
+        """The scheme with the frozen part as inference (and in patches); None when ``patch`` does not apply."""
         from edgetrain.apply import apply_
 
         techniques = [cfg] + ([Int8(qas=True)] if precision == "int8" and cfg.weights else [])
@@ -342,20 +348,32 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
                 techniques.append(extra)
             except ConfigError:
                 pass
-        return Recipe(techniques, name=name, execution=ex)
+        if patch is not None:
+            extra = PatchExecute(blocks=patch[0], patches=patch[1])
+            try:  # refused: blocks that train, a model it cannot tile (docs/techniques.md)
+                apply_(model, [*techniques, extra], example).remove()
+            except ConfigError:
+                return None
+            techniques.append(extra)
+        return techniques
 
     def run(cfg: SparseUpdate) -> tuple[Recipe, CostTable, int]:
-        """The cheapest execution that fits, or the one with the smallest peak RAM."""
+        """The cheapest execution that fits (patch execution only when none fits without it), or the one with the
+        smallest peak RAM."""
         best = None
-        techniques = recipe_for(cfg, Execution()).techniques
-        for ex in executions(batch_size):
-            recipe = Recipe(techniques, name=name, execution=ex)
-            table = estimate(model, recipe, batch_size=batch_size, optimizer=optimizer, example=example, peak=True)
-            ram = ram_of(table.peak, flash)
-            if ram <= budget:
-                return recipe, table, ram
-            if best is None or ram < best[2]:
-                best = (recipe, table, ram)
+        for patch in (None, *PATCHES):
+            techniques = techniques_for(cfg, patch)
+            if techniques is None:
+                continue
+            for ex in executions(batch_size):
+                recipe = Recipe(techniques, name=name, execution=ex)
+                table = estimate(model, recipe, batch_size=batch_size, optimizer=optimizer, example=example,
+                                 peak=True)
+                ram = ram_of(table.peak, flash)
+                if ram <= budget:
+                    return recipe, table, ram
+                if best is None or ram < best[2]:
+                    best = (recipe, table, ram)
         return best
 
     smallest = run(SparseUpdate(bias_last_k=0))
@@ -365,9 +383,11 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
             else ""
         top = max((c for c in split if not (flash_note and c == "weights_frozen")), key=split.get)
         m = smallest[0].execution.micro_batches
+        tiles = next((f", {t.patches}x{t.patches} patches of the first {t.blocks} blocks"
+                      for t in smallest[0].techniques if isinstance(t, PatchExecute)), "")
         raise BudgetError(f"budget {format_size(budget)} ({budget} B) is infeasible: the smallest reachable peak is "
                           f"{format_size(smallest[2])} ({smallest[2]} B, classifier only, "
-                          f"{m} micro-batch{'es' if m > 1 else ''}, fused optimizer step{flash_note}, "
+                          f"{m} micro-batch{'es' if m > 1 else ''}{tiles}, fused optimizer step{flash_note}, "
                           f"batch {batch_size}); its largest part is {top.replace('_', ' ')}: {format_size(split[top])}")
     overhead = smallest[2] - smallest[1].train_bytes  # what the peak holds beyond trainable state + saved
     target = budget - max(overhead, 0)
