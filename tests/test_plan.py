@@ -147,9 +147,30 @@ def test_cli_plan_then_train_on_t3(tmp_path, monkeypatch, capsys):
     assert len(cached) == 1 and json.loads(cached[0].read_text())["runs"]
     assert main(["plan", *T3, "--budget", "600KB", "--analysis-steps", "5", "--no-progress", "--json"]) == 0  # cached
     assert json.loads(capsys.readouterr().out)["predicted_bytes"] <= 600_000
+    assert main(["measure", *T3, "--recipe", str(out), "--repeats", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"] <= 600_000  # measured, with the plan's execution
     assert main(["train", *T3, "--recipe", str(out), "--steps", "5", "--out", str(tmp_path / "run"),
                  "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 5
+
+
+@pytest.mark.parametrize("device,budget,batch", [("mcu", "256KB", 1), ("raspberry_pi_4", "16MB", 32)])
+def test_cli_device_plans_measure_within_their_budget(tmp_path, monkeypatch, capsys, device, budget, batch):
+    """The issue's two commands on T3: the plan's measured peak RAM (the meter, the plan's execution; frozen weights in
+    flash on the MCU) is within the budget and within 10% of the prediction."""
+    from edgetrain.devices import parse_size
+
+    monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan.json"
+    args = ["plan", *T3, "--device", device, "--budget", budget, "--analysis-steps", "5", "--no-progress", "-o", str(out)]
+    assert main(args) == 0
+    assert f"batch {batch}" in capsys.readouterr().out
+    assert main([*args[:-2], "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)["predicted_bytes"]
+    assert main(["measure", *T3, "--batch-size", str(batch), "--recipe", str(out), "--repeats", "1", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    ram = m["peak_bytes"] - (m["peak_split"].get("weights_frozen", 0) if device == "mcu" else 0)
+    assert ram <= parse_size(budget) and abs(ram - predicted) <= 0.10 * ram, (ram, predicted, m["peak_split"])
 
 
 def test_cli_infeasible_budget_is_one_line(tmp_path, monkeypatch, capsys):
