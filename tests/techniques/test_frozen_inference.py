@@ -174,3 +174,21 @@ def test_int8_frozen_passes_the_input_gradient_through_a_frozen_layer():
 def test_int8_frozen_finds_nothing_when_nothing_is_frozen():
     with pytest.raises(et.ConfigError, match="Int8Frozen: found nothing"):
         et.apply_(_net(), Int8Frozen(), torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("order", ["fold-then-int8", "int8-then-fold"])
+def test_frozen_inference_and_int8_frozen_compose_in_either_order(order):
+    """Both act on the same frozen convs: the folds still run (no BatchNorm op) on the dequantised int8 weights, and
+    the output equals Freeze + Int8Frozen's (the same int8 weights, unfolded) up to float32 rounding."""
+    torch.manual_seed(2)
+    x, base = torch.randn(2, 3, 8, 8), _net()
+    ref, model = copy.deepcopy(base), copy.deepcopy(base)
+    et.apply_(ref, [Freeze(), Int8Frozen()], x)
+    techniques = [FrozenInference(), Int8Frozen()] if order == "fold-then-int8" else [Int8Frozen(), FrozenInference()]
+    et.apply_(model, [Freeze(), *techniques], x)
+    assert all(blk[0].weight.dtype == torch.int8 for blk in model[:3])
+    calls = []
+    with _Spy(calls):
+        out = model.train()(x)
+    assert "batch_norm" not in calls
+    torch.testing.assert_close(out, ref.train()(x), rtol=1e-5, atol=1e-5)

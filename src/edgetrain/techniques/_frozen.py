@@ -25,6 +25,9 @@ from torch import Tensor, nn
 from edgetrain.ops import Call, Undo, intercept
 
 CONV_OPS = ("conv1d", "conv2d", "conv3d")
+#: attribute on a per-call float copy of a stored weight (Int8Frozen's dequantised weight): the parameter it stands
+#: for, so that handlers that know layers by their weight (FrozenInference's folds) still recognise the call
+WEIGHT_OF = "_edgetrain_weight_of"
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 

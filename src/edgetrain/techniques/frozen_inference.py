@@ -34,7 +34,8 @@ from edgetrain.ops import Call, Undo, intercept
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import Structure
 from edgetrain.technique import Technique
-from edgetrain.techniques._frozen import CONV_OPS, _CONV, conv_args, explicit_padding, keep_batch_count
+from edgetrain.techniques._frozen import CONV_OPS, _CONV, WEIGHT_OF, conv_args, explicit_padding, keep_batch_count
+from edgetrain.techniques.int8_frozen import _dequant
 
 #: activations with an in-place form (the name of the op, and how to call it in place)
 IN_PLACE = {"relu": F.relu, "relu6": F.relu6, "hardtanh": F.hardtanh, "leaky_relu": F.leaky_relu,
@@ -57,15 +58,18 @@ def _frozen(m: nn.Module) -> bool:
     return all(not p.requires_grad for p in m.parameters(recurse=False))
 
 
-def fold_handler(folds: dict[int, nn.Module]):  # noqa: ANN201
+def fold_handler(folds: dict[int, tuple[nn.Module, nn.Module]]):  # noqa: ANN201
     """Handler: a frozen conv (by its weight, however it is called) followed by a frozen BatchNorm, outside the
-    graph, computed folded."""
+    graph, computed folded. The weight may be stored int8 (:class:`.Int8Frozen`, applied before or after this
+    technique): it is dequantised for this call, as Int8Frozen would."""
 
     def handle(call: Call):  # noqa: ANN202
         x, w, b, stride, padding, dilation, groups = conv_args(call)
-        bn = folds.get(id(w))
+        conv, bn = folds.get(id(getattr(w, WEIGHT_OF, w)), (None, None))
         if bn is None or w.requires_grad or (torch.is_grad_enabled() and x.requires_grad):
             return NotImplemented
+        if w.dtype == torch.int8:  # Int8Frozen's stored weight, reached before its own handler
+            w = _dequant(w, conv.weight_scale, x.dtype)
         with torch.no_grad():
             s = torch.rsqrt(bn.running_var + bn.eps)  # (C,)
             if bn.weight is not None:
@@ -104,17 +108,17 @@ def in_place(call: Call):  # noqa: ANN201
 def _apply(model: nn.Module, cfg: FrozenInference, targets: list[str], structure: Structure) -> Undo:
     modules = dict(model.named_modules())
     convs = targets or structure.layers_of(("conv1d", "conv2d", "conv3d"))
-    folds: dict[int, nn.Module] = {}  # id(conv weight) -> its BatchNorm
+    folds: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(conv weight) -> (the conv, its BatchNorm)
     for name in convs:
         bn_name = structure.followers(name, frozenset({"batch_norm"}))
         bn = modules.get(bn_name) if bn_name else None
         if bn is None or getattr(bn, "running_var", None) is None or not _frozen(modules[name]) or not _frozen(bn):
             continue
-        folds[id(modules[name].weight)] = bn
+        folds[id(modules[name].weight)] = (modules[name], bn)
     undo = Undo()
     if not folds:
         return undo  # apply_ refuses in one line: nothing frozen to fold (apply it after a freezing technique)
-    names = {n for n, m in modules.items() if any(m is bn for bn in folds.values())}
+    names = {n for n, m in modules.items() if any(m is bn for _, bn in folds.values())}
     froze = keep_batch_count(model, lambda n: n in names, undo)
 
     def passed(call: Call):  # noqa: ANN202

@@ -28,7 +28,7 @@ from edgetrain.ops import Call, Undo, intercept
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import Structure
 from edgetrain.technique import Technique
-from edgetrain.techniques._frozen import _CONV, _CONV_INPUT, CONV_OPS, conv_args, explicit_padding
+from edgetrain.techniques._frozen import _CONV, _CONV_INPUT, CONV_OPS, WEIGHT_OF, conv_args, explicit_padding
 
 QMAX = 127  # symmetric int8 in [-127, 127], as :mod:`.int8`
 KINDS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
@@ -93,6 +93,7 @@ def int8_handler(layers: dict[int, nn.Module]):  # noqa: ANN201
         if torch.is_grad_enabled() and x.requires_grad:
             return Int8FrozenWeight.apply(x, q, scale, b, conv)
         w = _dequant(q, scale, x.dtype)  # this call's transient: the next handlers and the stock op see a float weight
+        setattr(w, WEIGHT_OF, q)  # ... that the next handlers can still tell apart (FrozenInference's folds)
         if conv is None:
             return call.proceed(x, w, b)
         return call.proceed(x, w, b, *conv)
