@@ -29,8 +29,8 @@ def figure(rows: list[dict]):  # noqa: ANN201  (a matplotlib Figure)
         predicted = r.get("predicted_peak_bytes")
         ax.scatter(i, measured, c="C0", zorder=3, label="measured (meter)" if i == 0 else None)
         if predicted is not None:
-            ax.scatter(i, predicted / KiB, marker="x", c="C1", s=60, zorder=4,
-                       label="predicted (cost model)" if i == 0 else None)
+            first = not any(h.get_label() == "predicted" for h in ax.collections)
+            ax.scatter(i, predicted / KiB, marker="x", c="C1", s=60, zorder=4, label="predicted" if first else None)
         if "budget_bytes" in r:
             first = not any(h.get_label() == "budget" for h in ax.collections)
             ax.hlines(r["budget_bytes"] / KiB, i - 0.35, i + 0.35, colors="C3", label="budget" if first else None)
