@@ -170,3 +170,15 @@ def test_peak_estimate_within_10_percent_for_every_technique(info, cfg):
     table = estimate(model, cfg, batch_size=32, example=x, peak=True)
     m = et.measure(model, (x, y), recipe=cfg, warmup=1, repeats=1)
     assert abs(table.peak.bytes - m.peak_bytes) <= 0.10 * m.peak_bytes, (table.peak, m.peak_bytes, m.peak_split)
+
+
+def test_the_peak_estimate_runs_the_recipes_execution_without_techniques():
+    """A recipe of no techniques still carries its execution: the predicted peak is that step's, not plain's."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    recipe = et.Recipe(execution=et.Execution(micro_batches=4, fused_step=True))
+    plain = estimate(model, None, batch_size=16, example=x, peak=True).peak.bytes
+    table = estimate(model, recipe, batch_size=16, example=x, peak=True)
+    m = et.measure(model, (x, y), recipe=recipe, warmup=1, repeats=1)
+    assert table.peak.bytes < plain and abs(table.peak.bytes - m.peak_bytes) <= 8 * 16

@@ -342,7 +342,7 @@ def estimate(model: nn.Module, recipe: Any = None, input_shape: tuple[int, ...] 
     if recipe is None or not recipe.techniques:
         table = trace_table(model, example, batch_size, optimizer)
         if peak:
-            table.peak = predict_peak(model, example, batch_size, optimizer)
+            table.peak = predict_peak(model, example, batch_size, optimizer, recipe.execution if recipe else None)
         return table
     untraceable = [c.name for c in recipe.techniques if not get(c.name).traceable]
     if untraceable:
