@@ -97,8 +97,9 @@ class BenchSpec:
         for key in ("workload", "train"):
             if not isinstance(d.get(key) or {}, dict):
                 raise ConfigError(f"bench config: {key!r} must be a mapping, got {type(d[key]).__name__}")
-        return cls(work=str(d.get("work", "custom")), name=str(d.get("name", "bench")),
-                   workload=smoke.workload(Workload.from_dict(d.get("workload") or {})),
+        workload = smoke.workload(Workload.from_dict(d.get("workload") or {}))
+        recipes = [smoke.recipe(r, workload.batch_size) for r in recipes]
+        return cls(work=str(d.get("work", "custom")), name=str(d.get("name", "bench")), workload=workload,
                    train=dict(d.get("train") or {}), recipes=recipes, paper_claims=claims,
                    measure_repeats=smoke.cap(repeats, smoke.REPEATS))
 

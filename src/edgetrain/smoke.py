@@ -9,7 +9,7 @@ What it caps (each only downwards; nothing else changes):
 * data loaders (:func:`edgetrain.data.load_data`): the first :data:`SAMPLES` samples of each split;
 * the training loop (:func:`edgetrain.train.train`): :data:`STEPS` optimizer steps;
 * workloads built by the command line and by bench configs: image size :data:`IMAGE_SIZE`, batch :data:`BATCH`;
-* bench configs: ``measure_repeats`` :data:`REPEATS`; ``edgetrain plan``: :data:`ANALYSIS_STEPS` analysis steps
+* bench configs: ``measure_repeats`` :data:`REPEATS`, each recipe's micro-batches at most the (capped) batch; ``edgetrain plan``: :data:`ANALYSIS_STEPS` analysis steps
   and a small analysis grid.
 """
 
@@ -45,3 +45,10 @@ def workload(wl: Any) -> Any:
     if not active():
         return wl
     return dataclasses.replace(wl, image_size=min(wl.image_size, IMAGE_SIZE), batch_size=min(wl.batch_size, BATCH))
+
+
+def recipe(rec: Any, batch_size: int) -> Any:
+    """A :class:`edgetrain.Recipe` whose micro-batches fit a smoke-mode batch (unchanged outside smoke mode)."""
+    if not active() or rec.execution.micro_batches <= batch_size:
+        return rec
+    return dataclasses.replace(rec, execution=dataclasses.replace(rec.execution, micro_batches=batch_size))
