@@ -14,7 +14,7 @@ from edgetrain.measure import measure
 from edgetrain.models.mobilenet_v2 import ConvBNAct, InvertedResidual
 from edgetrain.techniques import MobileTL
 from edgetrain.techniques.mobiletl import irb_saved_elements
-from edgetrain.testing import frozen_reference, step_grads
+from edgetrain.testing import frozen_reference, seeded, step_grads
 
 
 class SmallIRBNet(nn.Module):
@@ -31,15 +31,7 @@ class SmallIRBNet(nn.Module):
 
 
 def _seeded(model: nn.Module, dtype=torch.float64) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.to(dtype)
+    return seeded(model, 0, dtype)
 
 
 X = torch.randn(2, 3, 16, 16)  # an example input: edgetrain traces the model's ops on it

@@ -21,6 +21,7 @@ import edgetrain as et
 from edgetrain.cost import estimate
 from edgetrain.models import create_model
 from edgetrain.techniques import Freeze, PatchExecute
+from edgetrain.testing import seeded
 from edgetrain.testing.patch_net import patch_net
 
 F64_BOUND = 1e-14  # of max|y|; measured at most 3.4e-16 (MKL float64 GEMM rounding by problem size)
@@ -93,15 +94,7 @@ class DWResidual(nn.Module):
 
 
 def _seed(model: nn.Module, dtype=torch.float64) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.to(dtype)
+    return seeded(model, 0, dtype)
 
 
 def _net(*frozen: nn.Module, head: int = 8) -> nn.Sequential:

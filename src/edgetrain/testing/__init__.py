@@ -38,8 +38,13 @@ class TinyConvNet(nn.Module):
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyConvNet:
     """A seeded :class:`TinyConvNet` with non-trivial BatchNorm statistics and affine parameters."""
+    return seeded(TinyConvNet(), seed, dtype)
+
+
+def seeded(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``model`` with every parameter drawn from a seeded normal (std 0.3) and non-trivial BatchNorm running
+    statistics, in ``dtype``: the test nets' common initialisation."""
     g = torch.Generator().manual_seed(seed)
-    model = TinyConvNet()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)

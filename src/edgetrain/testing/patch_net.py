@@ -53,15 +53,9 @@ class PatchNet(nn.Module):
 
 def patch_net(dtype: torch.dtype = torch.float32, seed: int = 0, frozen: int = 3) -> PatchNet:
     """A seeded :class:`PatchNet` with non-trivial BatchNorm statistics; its first ``frozen`` blocks frozen."""
-    g = torch.Generator().manual_seed(seed)
-    model = PatchNet(frozen=frozen)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    from edgetrain.testing import seeded
+
+    model = seeded(PatchNet(frozen=frozen), seed, torch.float32)
     for p in model.features[:frozen].parameters():
         p.requires_grad_(False)
     return model.to(dtype).train()
