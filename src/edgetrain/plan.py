@@ -311,14 +311,15 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
     has ``flash`` bytes for them and they fit. Schemes are searched as before (the exact knapsack over the additive
     gains, on their trainable state + saved activations); each candidate is then run as a recipe with the frozen
     part as inference (:class:`~edgetrain.techniques.FrozenInference`), frozen weights as ``frozen`` (``int8``:
-    :class:`~edgetrain.techniques.Int8Frozen`), the fused optimizer step and as few micro-batches as fit, and only
+    :class:`~edgetrain.techniques.Int8Frozen`), the fused optimizer step, then the frozen first blocks in as few
+    batch chunks as fit (:class:`~edgetrain.techniques.FrozenChunks`, exact), then as few micro-batches as fit, and only
     if nothing fits so, the first frozen blocks in patches (:class:`~edgetrain.techniques.PatchExecute`, the
     settings of :data:`PATCHES`, where the model and scheme allow it); its peak
     is predicted, and an overshoot narrows the search. ``precision="int8"`` trains the chosen weights as int8 with
     QAS (whole weights only; the gains are the fp32 analysis's: on T1, int8 with QAS matched fp32, 88.6% vs 88.5%,
     docs/planner.md). An infeasible budget names the smallest reachable peak and what dominates it, in one line.
     """
-    from edgetrain.techniques import FrozenInference, Int8, Int8Frozen, PatchExecute
+    from edgetrain.techniques import FrozenChunks, FrozenInference, Int8, Int8Frozen, PatchExecute
 
     if precision not in PRECISIONS:
         raise ConfigError(f"plan: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -357,16 +358,31 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
             techniques.append(extra)
         return techniques
 
+    def chunked(techniques: list) -> list[list]:
+        """The scheme with its frozen first blocks in 2, 4, ... batch chunks (exact), where FrozenChunks applies."""
+        from edgetrain.apply import apply_
+
+        sizes = [c for c in (2 ** i for i in range(1, 12)) if c <= batch_size]
+        try:  # refused: nothing frozen before the first trained op, batch 1
+            if not sizes:
+                return []
+            apply_(model, [*techniques, FrozenChunks(chunks=2)], example).remove()
+        except ConfigError:
+            return []
+        return [[*techniques, FrozenChunks(chunks=c)] for c in sizes]
+
     def run(cfg: SparseUpdate) -> tuple[Recipe, CostTable, int]:
         """The cheapest execution that fits (patch execution only when none fits without it), or the one with the
-        smallest peak RAM."""
+        smallest peak RAM: the fused step, then the frozen first blocks in batch chunks, then micro-batches."""
         best = None
         for patch in (None, *PATCHES):
             techniques = techniques_for(cfg, patch)
             if techniques is None:
                 continue
-            for ex in executions(batch_size):
-                recipe = Recipe(techniques, name=name, execution=ex)
+            fused, *micro = executions(batch_size)
+            tries = [(techniques, fused)] + [(t, fused) for t in (chunked(techniques) if patch is None else [])]
+            for t, ex in tries + [(techniques, ex) for ex in micro]:
+                recipe = Recipe(t, name=name, execution=ex)
                 table = estimate(model, recipe, batch_size=batch_size, optimizer=optimizer, example=example,
                                  peak=True)
                 ram = ram_of(table.peak, flash)
@@ -385,6 +401,8 @@ def plan(model: nn.Module, contribution: Contribution, budget: int, input_shape:
         m = smallest[0].execution.micro_batches
         tiles = next((f", {t.patches}x{t.patches} patches of the first {t.blocks} blocks"
                       for t in smallest[0].techniques if isinstance(t, PatchExecute)), "")
+        tiles += next((f", frozen first blocks in {t.chunks} batch chunks"
+                       for t in smallest[0].techniques if isinstance(t, FrozenChunks)), "")
         raise BudgetError(f"budget {format_size(budget)} ({budget} B) is infeasible: the smallest reachable peak is "
                           f"{format_size(smallest[2])} ({smallest[2]} B, classifier only, "
                           f"{m} micro-batch{'es' if m > 1 else ''}{tiles}, fused optimizer step{flash_note}, "

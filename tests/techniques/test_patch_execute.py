@@ -34,7 +34,7 @@ def _patched(model: nn.Module, name: str = "features"):
 def _tiled_vs_whole(model: nn.Module, x: torch.Tensor, name: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     p = _patched(model, name)
     with torch.no_grad():
-        return p.patched(x), p.run(x)
+        return p.wrapped(x), p.run(x)
 
 
 def _assert_exact(tiled: torch.Tensor, whole: torch.Tensor, bitwise: bool = False) -> None:
@@ -208,7 +208,7 @@ def _refused(model: nn.Module, recipe, x: torch.Tensor, match: str) -> str:
 
 def test_refuses_a_trainable_prefix():
     model = create_model("mobilenet_v2", num_classes=10, width_mult=0.35)
-    msg = _refused(model, PatchExecute(blocks=2), torch.randn(2, 3, 32, 32), "train; patches run only where no")
+    msg = _refused(model, PatchExecute(blocks=2), torch.randn(2, 3, 32, 32), "train; it runs only where no")
     assert "features.0" in msg
 
 

@@ -8,6 +8,7 @@ from edgetrain.techniques.bnn_edge import BNNEdge
 from edgetrain.techniques.checkpoint import Checkpoint
 from edgetrain.techniques.comet import Comet
 from edgetrain.techniques.freeze import Freeze
+from edgetrain.techniques.frozen_chunks import FrozenChunks
 from edgetrain.techniques.frozen_inference import FrozenInference
 from edgetrain.techniques.gradient_filter import GradientFilter
 from edgetrain.techniques.int8 import Int8
@@ -16,4 +17,4 @@ from edgetrain.techniques.mobiletl import MobileTL
 from edgetrain.techniques.patch_execute import PatchExecute
 from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "FrozenInference", "GradientFilter", "Int8", "Int8Frozen", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]
+__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "FrozenChunks", "FrozenInference", "GradientFilter", "Int8", "Int8Frozen", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]

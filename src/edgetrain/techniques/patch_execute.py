@@ -39,10 +39,11 @@ from torch import Tensor, nn
 
 from edgetrain.apply import Undo, patch_forward, under
 from edgetrain.errors import ConfigError
-from edgetrain.ops import Call, intercept
+from edgetrain.ops import intercept
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import ACTIVATION_OPS, OpRecord, Structure, base_op
 from edgetrain.technique import Technique, check
+from edgetrain.techniques._prefix import RANDOM_OPS, Region, check_frozen, probe, span
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -228,67 +229,25 @@ def run_patches(run: Callable[[Tensor], Tensor], x: Tensor, geo: tuple[Axis, Axi
     return out
 
 
-class _Patched:
+class _Patched(Region):
     """The wrapped Sequential: children before the blocks, the blocks in patches, the rest, in order."""
+
+    who = "PatchExecute"
+    what = "patches"
 
     def __init__(self, parent: nn.Sequential, first: int, last: int, geo: tuple[Axis, Axis], patches: int,
                  undo: Undo) -> None:
-        kids = list(parent)
-        self.before, self.tiled, self.after = kids[:first], kids[first:last + 1], kids[last + 1:]
-        self.params = [p for m in self.tiled for p in m.parameters()]
-        self.geo, self.patches, self.undo = geo, patches, undo
-        self.active = False  # inside the tiles: the BatchNorm guard refuses batch statistics
+        super().__init__(parent, first, last, undo)
+        self.geo, self.patches = geo, patches
 
-    def run(self, x: Tensor) -> Tensor:
-        for m in self.tiled:
-            x = m(x)
-        return x
+    def pieces(self, x: Tensor) -> Tensor:
+        return run_patches(self.run, x, self.geo, self.patches)
 
-    def tiles(self, x: Tensor) -> Tensor:
-        self.active = True
-        try:
-            with torch.no_grad():
-                return run_patches(self.run, x, self.geo, self.patches)
-        finally:
-            self.active = False
-
-    def patched(self, x: Tensor) -> Tensor:
+    def check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ConfigError(f"PatchExecute: the blocks got {type(x).__name__} "
                               f"{list(x.shape) if isinstance(x, Tensor) else ''}; patches tile (N, C, H, W) images")
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.params)):
-            raise ConfigError("PatchExecute: the patched blocks' input or parameters require grad; patches run only "
-                              "where no gradient flows (freeze them, and everything before them)")
-        self.undo.hits += 1
-        return self.tiles(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for m in self.before:
-            x = m(x)
-        x = self.patched(x)
-        for m in self.after:
-            x = m(x)
-        return x
-
-    def guard(self, call: Call) -> object:
-        """Inside the tiles: a ``batch_norm`` call that no earlier handler froze and that uses batch statistics, or
-        an op that draws random numbers (train-mode only ops the eval-mode trace did not see, e.g. drop-path)."""
-        if not self.active:
-            return NotImplemented
-        if call.name == "batch_norm":
-            if call.arg(5, "training", False):
-                raise ConfigError(f"PatchExecute: {call.module} normalises with batch statistics (train-mode "
-                                  "BatchNorm); patches would change them: freeze it first (Freeze runs frozen "
-                                  "BatchNorms on running statistics) or keep it in eval mode")
-            return NotImplemented
-        raise ConfigError(f"PatchExecute: {call.module} calls {call.name} in train mode (draws random numbers); "
-                          "tiles would draw different ones")
-
-
-#: ops that draw random numbers: refused inside the tiles at run time
-RANDOM_OPS = ("rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
-              "bernoulli_", "uniform_", "normal_", "normal", "multinomial", "dropout", "dropout_", "dropout1d",
-              "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "rrelu", "rrelu_")
+        super().check_input(x)
 
 
 # ------------------------------------------------------------------------------------------------ apply
@@ -301,79 +260,27 @@ def _blocks(cfg: PatchExecute, targets: list[str], structure: Structure) -> list
     return list(structure.blocks[:cfg.blocks])
 
 
-def _span(model: nn.Module, names: list[str]) -> tuple[str, nn.Sequential, int, int]:
-    """The Sequential holding ``names`` as consecutive children: its name, itself, their first and last index."""
-    parents = {n.rpartition(".")[0] for n in names}
-    parent = model.get_submodule(next(iter(parents))) if len(parents) == 1 else None
-    keys = list(parent._modules) if isinstance(parent, nn.Sequential) else []
-    idx = sorted(keys.index(n.rpartition(".")[2]) for n in names if n.rpartition(".")[2] in keys)
-    if len(idx) != len(names) or idx != list(range(idx[0], idx[0] + len(idx))):
-        where = type(parent).__name__ if parent is not None else "different modules"
-        raise ConfigError(f"PatchExecute: blocks {names} are not consecutive children of one nn.Sequential (they sit "
-                          f"in {where}); patches wrap that Sequential's forward")
-    if type(parent).forward is not nn.Sequential.forward:
-        raise ConfigError(f"PatchExecute: {type(parent).__name__} holding blocks {names} has its own forward; "
-                          "patches wrap a stock nn.Sequential's")
-    return next(iter(parents)), parent, idx[0], idx[-1]
-
-
-def _check_frozen(model: nn.Module, structure: Structure, first_op: int, names: list[str]) -> None:
-    """Nothing in the blocks, or before them, trains: no gradient flows through the patches."""
-    params = dict(model.named_parameters())
-    training = [n for n in names if any(p.requires_grad for p in model.get_submodule(n).parameters())]
-    if training:
-        raise ConfigError(f"PatchExecute: blocks {training} train; patches run only where no gradient flows (apply "
-                          "it after the technique that freezes them)")
-    before = sorted({p for op in structure.ops[:first_op] for p in op.params if params[p].requires_grad})
-    if before:
-        raise ConfigError(f"PatchExecute: {before[0].rpartition('.')[0]} runs before blocks {names} and trains; "
-                          "patches run only where no gradient flows")
-
-
-def _probe(patched: _Patched, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Tiled == untiled on a random input in the modules' current modes (state and RNG put back)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g, dtype=dtype)  # (N, C, H, W) as traced
-    buffers = [(b, b.clone()) for m in patched.tiled for b in m.buffers()]
-    rng = torch.get_rng_state()
-    try:
-        with torch.no_grad():
-            tiled = patched.tiles(x)
-            whole = patched.run(x)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001  (whatever the blocks raise on a tile: one line)
-        raise ConfigError(f"PatchExecute: the blocks do not run on a tile ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    finally:
-        with torch.no_grad():
-            for b, v in buffers:
-                b.copy_(v)
-        torch.set_rng_state(rng)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5  # float rounding of the conv algorithm on another size
-    err = float((tiled - whole).abs().max()) / max(float(whole.abs().max()), 1e-30) if tiled.shape == whole.shape \
-        else float("inf")
-    if not err <= tol:
-        raise ConfigError(f"PatchExecute: the tiled blocks differ from the whole image (output "
-                          f"{list(tiled.shape)} vs {list(whole.shape)}, relative difference {err:.3g}); not applied")
-
-
 def _apply(model: nn.Module, cfg: PatchExecute, targets: list[str], structure: Structure) -> Undo:
     names = _blocks(cfg, targets, structure)
-    where, parent, first, last = _span(model, names)
+    where, parent, first, last = span(model, names, "PatchExecute")
     tiled = [f"{where}.{k}" if where else k for k in list(parent._modules)[first:last + 1]]  # blocks + what is between
     ops = [op for op in structure.ops if under(op.module, tiled)]
     if not ops:
         raise ConfigError(f"PatchExecute: blocks {names} call no op in the traced forward")
     geometry = _Geometry(model, ops)
-    _check_frozen(model, structure, ops[0].index, names)
+    check_frozen(model, structure, ops[0].index, names, "PatchExecute")
     undo = Undo()
     patched = _Patched(parent, first, last, geometry.out, cfg.patches, undo)
     try:
         patch_forward(parent, patched.forward, undo)
         intercept(model, ("batch_norm", *RANDOM_OPS), patched.guard, undo, count=False)
         dtype = next((p.dtype for p in patched.params if p.is_floating_point()), torch.get_default_dtype())
-        _probe(patched, geometry.input_shape, dtype)
+        x = torch.randn(geometry.input_shape, generator=torch.Generator().manual_seed(0), dtype=dtype)  # as traced
+        err = probe(patched, x)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5  # float rounding of the conv algorithm on another size
+        if not err <= tol:
+            raise ConfigError(f"PatchExecute: the tiled blocks differ from the whole image (relative difference "
+                              f"{err:.3g}); not applied")
     except BaseException:
         undo.remove()
         raise

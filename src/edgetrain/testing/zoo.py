@@ -195,7 +195,8 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
     where the config names layers). Every registered technique must have one (the zoo test checks)."""
     from edgetrain.recipe import Recipe
     from edgetrain.techniques import (ActNN, ApproxMultiply, BiasOnly, BNNEdge, Checkpoint, Comet, Freeze,
-                                      FrozenInference, GradientFilter, Int8, Int8Frozen, MobileTL, SparseUpdate)
+                                      FrozenChunks, FrozenInference, GradientFilter, Int8, Int8Frozen, MobileTL,
+                                      SparseUpdate)
     from edgetrain.techniques.sparse_update import layers
 
     trained = layers(structure)
@@ -215,6 +216,7 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         # execution of the frozen part: after the freezing technique they need
         "frozen_inference": Recipe([Freeze(last_k_blocks=2), FrozenInference()], name="frozen_inference"),
         "int8_frozen": Recipe([Freeze(last_k_blocks=2), Int8Frozen()], name="int8_frozen"),
+        "frozen_chunks": Recipe([Freeze(last_k_blocks=2), FrozenChunks(chunks=2)], name="frozen_chunks"),
         "patch_execute": __import__("edgetrain.techniques", fromlist=["PatchExecute"]).PatchExecute(blocks=2),
     }
 

@@ -1,0 +1,281 @@
+"""FrozenChunks: run the frozen first part of a network on the batch in chunks; the trained part sees the whole batch.
+
+Where no gradient flows through the first blocks (frozen, with nothing before them that trains: a Freeze or
+SparseUpdate recipe), they run as plain inference, and inference of a network without batch statistics computes each
+sample on its own. So the batch can go through them ``chunks`` samples-groups at a time, each chunk's output written
+into one output tensor: the forward then holds one chunk's intermediate maps, not the whole batch's, while the
+trained blocks, their BatchNorm statistics, the loss and the gradient are the full batch's. It is the part of
+micro-batching (:func:`edgetrain.execution.run_step`) that changes nothing: micro-batches also shrink the trained
+part's saved activations, but normalise each micro-batch by its own statistics (the T1 accuracy cost is in
+docs/memory.md). The frozen first blocks of a CNN hold its largest maps, so that is where the step's peak is (TTE,
+Lin et al., *On-Device Training Under 256KB Memory*, NeurIPS 2022, arXiv:2206.15472, §2: the peak of a training step
+on a small device is the forward of the high-resolution layers; MCUNetV2, arXiv:2110.15352, cuts the same peak with
+spatial patches instead, :mod:`.patch_execute`).
+
+Exact, up to float rounding of the kernels on another batch size: the chunks run the blocks as the model defines them
+(probed at apply on a random input against the whole batch; measured bit-exact on MobileNetV2 in float32 here,
+tests/techniques/test_frozen_chunks.py). Where it refuses (one line each): nothing frozen before the first trainable
+op; blocks that are not consecutive children of one stock ``nn.Sequential``; a BatchNorm in them that would normalise
+with batch statistics or an op that draws random numbers in train mode (both change with the chunking: at apply by the
+probe and at the first forward that meets them); any op that mixes samples (the probe sees the difference).
+
+Stored for backward: nothing (no graph is built in the chunked blocks); transient: one chunk's maps and the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from edgetrain.apply import Undo, patch_forward, under
+from edgetrain.errors import ConfigError
+from edgetrain.inputs import map_tensors
+from edgetrain.ops import intercept
+from edgetrain.registry import TechniqueInfo, register
+from edgetrain.structure import Structure
+from edgetrain.technique import Technique, check
+from edgetrain.techniques._prefix import RANDOM_OPS, Region, check_frozen, probe, span
+from edgetrain.techniques.patch_execute import _example_model  # the same frozen-stem model
+
+WHO = "FrozenChunks"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FrozenChunks(Technique):
+    """Run the frozen first blocks on the batch in ``chunks`` chunks (the rest of the step sees the whole batch).
+
+    Put it after the technique that freezes them (Freeze, SparseUpdate); it composes with FrozenInference and
+    Int8Frozen, and with micro-batches (each micro-batch is chunked).
+
+    Args:
+        chunks: pieces of the batch (at most the batch size are used). More chunks -> a smaller forward peak, smaller
+            kernel calls.
+        targets: modules to run in chunks (consecutive children of one ``nn.Sequential``) instead of the frozen
+            prefix it finds: the longest run of frozen children of the Sequential that holds the first block (or of
+            its Sequential parents) whose ops all come before the first op that trains.
+    """
+
+    name = "frozen_chunks"
+    chunks: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(isinstance(self.chunks, int) and not isinstance(self.chunks, bool) and self.chunks >= 2, FrozenChunks,
+              "chunks", f"must be an int >= 2, got {self.chunks!r}")
+
+
+class _Chunked(Region):
+    """One chunked unit: consecutive children of a stock Sequential (its forward wrapped: the children before them,
+    them in chunks, the rest), or one module (its own forward, ``fn``, run in chunks)."""
+
+    who = WHO
+    what = "chunks"
+
+    def __init__(self, parent: nn.Module, first: int, last: int, chunks: int, undo: Undo,
+                 fn: Callable[..., Any] | None = None) -> None:
+        if fn is None:
+            super().__init__(parent, first, last, undo)
+        else:
+            self.before, self.inner, self.after, self.undo, self.active = [], [parent], [], undo, False
+            self.params = list(parent.parameters())
+        self.fn, self.chunks, self.bypass = fn, chunks, False
+
+    def run(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.fn is None:
+            return super().run(x)
+        # the module called again, its forward unchunked: its hooks (the op dispatcher's scope) fire for each chunk
+        self.bypass = True
+        try:
+            return self.inner[0](x, *args, **kwargs)
+        finally:
+            self.bypass = False
+
+    def pieces(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() == 0:
+            raise ConfigError(f"{WHO}: the blocks got {type(x).__name__}; chunks split a batched tensor")
+        n = x.shape[0]
+        out, a = None, 0
+        for b in [round(i * n / min(self.chunks, n)) for i in range(1, min(self.chunks, n) + 1)]:
+            def cut(t: Tensor, a: int = a, b: int = b) -> Tensor:  # every tensor with the batch first is chunked
+                return t[a:b] if t.dim() and t.shape[0] == n else t
+
+            y = self.run(x[a:b], *map_tensors(args, cut), **map_tensors(kwargs, cut))
+            if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != b - a:
+                raise ConfigError(f"{WHO}: the blocks returned {type(y).__name__} "
+                                  f"{list(y.shape) if isinstance(y, Tensor) else ''} for a chunk of {b - a}; "
+                                  "chunks need one tensor with the batch first")
+            if out is None:
+                out = y.new_empty((n, *y.shape[1:]))  # (N, ...): the whole batch's output
+            out[a:b] = y
+            a = b
+            del y
+        return out
+
+    def split(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self.active = True
+        try:
+            with torch.no_grad():
+                return self.pieces(x, *args, **kwargs)
+        finally:
+            self.active = False
+
+    def wrapped(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.bypass:
+            return self.fn(x, *args, **kwargs)
+        self.check_input(x)
+        self.undo.hits += 1
+        return self.split(x, *args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """What runs in chunks: ``names`` (consecutive children of the stock Sequential ``parent``, or one module)."""
+
+    parent: str | None  # the Sequential holding them, or None: one module with its own forward
+    names: tuple[str, ...]
+
+
+def _frozen_names(model: nn.Module, structure: Structure) -> Callable[[str], bool]:
+    params = dict(model.named_parameters())
+    trains = [op.index for op in structure.ops if any(params[p].requires_grad for p in op.params if p in params)]
+    if not trains:
+        raise ConfigError(f"{WHO}: nothing in the model trains; chunks run the frozen part before the trained one")
+    first = min(trains)
+    calls: dict[str, list[int]] = {}
+    for op in structure.ops:
+        parts = op.module.split(".") if op.module else []
+        for i in range(len(parts) + 1):
+            calls.setdefault(".".join(parts[:i]), []).append(op.index)
+
+    def frozen(name: str) -> bool:
+        ops = calls.get(name)
+        return bool(ops) and max(ops) < first and not any(
+            p.requires_grad for p in model.get_submodule(name).parameters())
+
+    frozen.calls = calls  # type: ignore[attr-defined]
+    return frozen
+
+
+def _callable(model: nn.Module, names: list[str]) -> list[str]:
+    """The modules among ``names`` worth chunking on their own: those with children; a ModuleList/ModuleDict (never
+    called itself) stands for its children."""
+    out = []
+    for k in names:
+        m = model.get_submodule(k)
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            out += _callable(model, [f"{k}.{c}" for c in m._modules])
+        elif m._modules:
+            out.append(k)
+    return out
+
+
+def prefix(model: nn.Module, structure: Structure) -> list[Unit]:
+    """The frozen prefix, from the model down: in each module, its leading children that hold no trainable parameter
+    and call only ops before the first op that trains; in a stock Sequential they run in chunks together, elsewhere
+    each one that has children of its own does; then the same inside the first child that is not frozen."""
+    frozen = _frozen_names(model, structure)
+    units: list[Unit] = []
+    where = ""
+    while True:
+        parent = model.get_submodule(where)
+        kids = [f"{where}.{k}" if where else k for k in parent._modules if (f"{where}.{k}" if where else k) in
+                frozen.calls]  # children the forward calls, in order
+        run = []
+        for k in kids:
+            if not frozen(k):
+                break
+            run.append(k)
+        if run and isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+            units.append(Unit(where, tuple(run)))
+        else:
+            units += [Unit(None, (k,)) for k in _callable(model, run)]
+        if len(run) == len(kids):
+            break
+        where = kids[len(run)]  # the first child that trains: its own frozen first part
+    if not units:
+        raise ConfigError(f"{WHO}: no frozen modules before the first op that trains; apply it after the technique "
+                          "that freezes them")
+    return units
+
+
+def _entry_shape(structure: Structure, inner: list[str]) -> tuple[int, ...]:
+    ops = [op for op in structure.ops if under(op.module, inner)]
+    made = {o for op in ops for o in op.outputs}
+    entry = next((op for op in ops if op.inputs and op.inputs[0] not in made and op.in_shape), None)
+    if not ops or entry is None:
+        raise ConfigError(f"{WHO}: could not find the batched input of {inner} in the traced forward")
+    return entry.in_shape
+
+
+def _install(model: nn.Module, structure: Structure, unit: Unit, chunks: int, undo: Undo) -> tuple[_Chunked, tuple]:
+    if unit.parent is None:
+        module = model.get_submodule(unit.names[0])
+        chunked = _Chunked(module, 0, 0, chunks, undo, fn=module.forward)
+        patch_forward(module, chunked.wrapped, undo)
+        return chunked, _entry_shape(structure, list(unit.names))
+    where, parent, first, last = span(model, list(unit.names), WHO)
+    chunked = _Chunked(parent, first, last, chunks, undo)
+    patch_forward(parent, chunked.forward, undo)
+    return chunked, _entry_shape(structure, list(unit.names))
+
+
+def _apply(model: nn.Module, cfg: FrozenChunks, targets: list[str], structure: Structure) -> Undo:
+    if cfg.targets is not None:
+        names = [n for n in targets if not any(n.startswith(o + ".") for o in targets)]
+        where = span(model, names, WHO)[0]
+        units = [Unit(where, tuple(names))]
+        ops = [op for op in structure.ops if under(op.module, names)]
+        check_frozen(model, structure, ops[0].index if ops else 0, names, WHO)
+    else:
+        units = prefix(model, structure)
+    undo = Undo()
+    try:
+        probes = [_install(model, structure, unit, cfg.chunks, undo) for unit in units]
+        intercept(model, ("batch_norm", *RANDOM_OPS), lambda call: next(
+            (r for r in (c.guard(call) for c, _ in probes) if r is not NotImplemented), NotImplemented), undo,
+                  count=False)
+        ran = 0
+        for (chunked, shape), unit in zip(probes, units):
+            dtype = next((p.dtype for p in chunked.params if p.is_floating_point()), torch.get_default_dtype())
+            n = 2 * cfg.chunks + 1  # uneven chunks, each of more than one sample
+            x = torch.randn((n, *shape[1:]), generator=torch.Generator().manual_seed(0), dtype=dtype)
+            try:
+                err = probe(chunked, x)
+            except ConfigError as e:  # does not run on a random float batch (token ids): left whole, unless all do
+                if "do not run in chunks" not in str(e) or (ran == 0 and unit is units[-1]):
+                    raise
+                chunked.chunks = 1  # runs whole
+                continue
+            ran += 1
+            tol = 1e-12 if dtype == torch.float64 else 1e-5  # float rounding of the kernels on another batch size
+            if not err <= tol:
+                raise ConfigError(f"{WHO}: {', '.join(unit.names)} in chunks differ from the whole batch (relative "
+                                  f"difference {err:.3g}: an op mixes samples); not applied")
+    except BaseException:
+        undo.remove()
+        raise
+    return undo
+
+
+register(
+    TechniqueInfo(
+        config=FrozenChunks,
+        apply=_apply,
+        summary="run the frozen first blocks on the batch in chunks (exact; the trained part sees the whole batch): "
+                "the forward holds one chunk's maps",
+        paper="Lin et al., On-Device Training Under 256KB Memory, NeurIPS 2022, arXiv:2206.15472 (the forward peak "
+              "of the frozen high-resolution layers); chunked inference, no paper",
+        reduces=frozenset({"compute"}),  # transient buffers of the forward: the peak, not saved activations
+        default_targets=lambda model, structure: [],
+        looks_for="frozen first blocks in one nn.Sequential, before the first op that trains",
+        limits="frozen first blocks only (after Freeze/SparseUpdate), children of one nn.Sequential; no batch "
+               "statistics, random ops or ops that mix samples in them",
+        conflicts=frozenset({"patch_execute"}),
+        examples=(FrozenChunks(chunks=2), FrozenChunks(chunks=3)),
+        example_model=_example_model,
+    )
+)
