@@ -22,6 +22,16 @@ def test_every_technique_has_examples_and_metadata():
         assert all(type(c) is info.config for c in info.examples)
 
 
+def test_every_technique_config_is_importable_from_the_top_level_and_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for info in et.list_techniques():
+        assert getattr(et, info.config.__name__, None) is info.config, info.config.__name__
+        assert info.config.__name__ in et.__all__
+        assert f"| `{info.name}` | `{info.config.__name__}(" in readme, f"{info.name} is not in README's technique table"
+
+
 @pytest.mark.parametrize("info,cfg", CASES)
 def test_config_round_trip(info, cfg):
     assert config_from_dict(cfg.to_dict()) == cfg

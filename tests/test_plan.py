@@ -115,6 +115,22 @@ def test_frozen_int8_plans_store_the_frozen_weights_in_a_quarter_and_the_meter_a
     assert abs(m.peak_bytes - int8.predicted_bytes) <= 0.10 * m.peak_bytes
 
 
+def test_frozen_chunks_are_planned_before_micro_batches():
+    """MobileNetV2 (width 0.35, 32x32, batch 16), classifier only: a budget below the fused step's peak is met by the
+    frozen first blocks in batch chunks (exact: the trained part keeps the whole batch), not by micro-batches; the
+    meter agrees."""
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=10, width_mult=0.35).train()
+    c = Contribution(baseline=0.1, bias={0: 0.0}, weights={}, k_ref=0, meta={})
+    loose = plan(model, c, 10**9, (3, 32, 32), 16)
+    assert "frozen_chunks" not in loose.recipe.technique_names and loose.recipe.execution.micro_batches == 1
+    budget = int(0.8 * loose.predicted_bytes)
+    tight = plan(model, c, budget, (3, 32, 32), 16)
+    assert "frozen_chunks" in tight.recipe.technique_names and tight.recipe.execution.micro_batches == 1
+    m = et.measure(model, (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))), recipe=tight.recipe, repeats=1)
+    assert m.peak_bytes <= budget and abs(m.peak_bytes - tight.predicted_bytes) <= 0.10 * m.peak_bytes
+
+
 def test_patch_execution_is_planned_only_where_nothing_fits_without_it():
     """mcunet_tiny at 64x64, batch 1, frozen weights in the MCU's flash: the plain classifier-only step needs more than
     256 KiB of RAM (the first blocks' fp32 feature maps); the plan tiles the first frozen blocks and the meter's RAM

@@ -26,11 +26,37 @@ from edgetrain.measure import Measurement, measure
 from edgetrain.recipe import Execution, Recipe
 from edgetrain.registry import TechniqueInfo, get, list_techniques, register
 from edgetrain.cost import CostTable, estimate
-from edgetrain.techniques import BiasOnly, Checkpoint, Freeze, GradientFilter, Int8, SparseUpdate, Technique
+from edgetrain.techniques import (
+    ActNN,
+    ApproxMultiply,
+    BiasOnly,
+    BNNEdge,
+    Checkpoint,
+    Comet,
+    Freeze,
+    FrozenChunks,
+    FrozenInference,
+    GradientFilter,
+    Int8,
+    Int8Frozen,
+    MobileTL,
+    PatchExecute,
+    SparseUpdate,
+    Technique,
+)
 from edgetrain.train import TrainConfig, TrainResult, evaluate, train
 from edgetrain.workload import Workload
 
 __all__ = [
+    "PatchExecute",
+    "MobileTL",
+    "Int8Frozen",
+    "FrozenInference",
+    "FrozenChunks",
+    "Comet",
+    "BNNEdge",
+    "ApproxMultiply",
+    "ActNN",
     "Applied",
     "BiasOnly",
     "BudgetError",

@@ -9,6 +9,8 @@ whole: a BatchNorm normalising with batch statistics, an op that draws random nu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -72,15 +74,15 @@ class Region:
             x = m(x)
         return x
 
-    def pieces(self, x: Tensor) -> Tensor:
+    def pieces(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         raise NotImplementedError
 
-    def split(self, x: Tensor) -> Tensor:
+    def split(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """:meth:`pieces` under ``no_grad``, with the guard armed."""
         self.active = True
         try:
             with torch.no_grad():
-                return self.pieces(x)
+                return self.pieces(x, *args, **kwargs)
         finally:
             self.active = False
 
@@ -89,10 +91,10 @@ class Region:
             raise ConfigError(f"{self.who}: the input or parameters of the blocks it runs require grad; it runs "
                               "only where no gradient flows (freeze them, and everything before them)")
 
-    def wrapped(self, x: Tensor) -> Tensor:
+    def wrapped(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self.check_input(x)
         self.undo.hits += 1
-        return self.split(x)
+        return self.split(x, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         for m in self.before:

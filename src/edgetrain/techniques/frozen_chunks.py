@@ -2,7 +2,7 @@
 
 Where no gradient flows through the first blocks (frozen, with nothing before them that trains: a Freeze or
 SparseUpdate recipe), they run as plain inference, and inference of a network without batch statistics computes each
-sample on its own. So the batch can go through them ``chunks`` samples-groups at a time, each chunk's output written
+sample on its own. So the batch can go through them in ``chunks`` groups of samples, each chunk's output written
 into one output tensor: the forward then holds one chunk's intermediate maps, not the whole batch's, while the
 trained blocks, their BatchNorm statistics, the loss and the gradient are the full batch's. It is the part of
 micro-batching (:func:`edgetrain.execution.run_step`) that changes nothing: micro-batches also shrink the trained
@@ -12,14 +12,22 @@ Lin et al., *On-Device Training Under 256KB Memory*, NeurIPS 2022, arXiv:2206.15
 on a small device is the forward of the high-resolution layers; MCUNetV2, arXiv:2110.15352, cuts the same peak with
 spatial patches instead, :mod:`.patch_execute`).
 
+What it chunks: from the model down, the leading children of each module that hold no trainable parameter and call
+only ops before the first op that trains; in a stock ``nn.Sequential`` they run in chunks together (its forward
+wrapped), elsewhere each one that has children runs in chunks on its own (its own forward wrapped, called once per
+chunk, so its forward hooks fire per chunk; a ``ModuleList`` stands for its children), then the same inside the first
+child that trains. Every tensor argument with the batch first is chunked with the input.
+
 Exact, up to float rounding of the kernels on another batch size: the chunks run the blocks as the model defines them
 (probed at apply on a random input against the whole batch; measured bit-exact on MobileNetV2 in float32 here,
-tests/techniques/test_frozen_chunks.py). Where it refuses (one line each): nothing frozen before the first trainable
-op; blocks that are not consecutive children of one stock ``nn.Sequential``; a BatchNorm in them that would normalise
-with batch statistics or an op that draws random numbers in train mode (both change with the chunking: at apply by the
-probe and at the first forward that meets them); any op that mixes samples (the probe sees the difference).
+tests/techniques/test_frozen_chunks.py). Where it refuses (one line each): nothing frozen before the first op that
+trains; ``targets`` that are not consecutive children of one stock ``nn.Sequential``; a BatchNorm in the chunks that
+would normalise with batch statistics or an op that draws random numbers in train mode (both change with the
+chunking: at apply by the probe and at the first forward that meets them); any op that mixes samples (the probe sees
+the difference). A unit that does not run on a random float batch (token ids) is left whole; if none does, it
+refuses.
 
-Stored for backward: nothing (no graph is built in the chunked blocks); transient: one chunk's maps and the output.
+Stored for backward: nothing (no graph is built in the chunks); transient: one chunk's maps and the output.
 """
 
 from __future__ import annotations
@@ -55,8 +63,7 @@ class FrozenChunks(Technique):
         chunks: pieces of the batch (at most the batch size are used). More chunks -> a smaller forward peak, smaller
             kernel calls.
         targets: modules to run in chunks (consecutive children of one ``nn.Sequential``) instead of the frozen
-            prefix it finds: the longest run of frozen children of the Sequential that holds the first block (or of
-            its Sequential parents) whose ops all come before the first op that trains.
+            prefix it finds (the module docstring says how).
     """
 
     name = "frozen_chunks"
@@ -115,20 +122,8 @@ class _Chunked(Region):
             del y
         return out
 
-    def split(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        self.active = True
-        try:
-            with torch.no_grad():
-                return self.pieces(x, *args, **kwargs)
-        finally:
-            self.active = False
-
     def wrapped(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.bypass:
-            return self.fn(x, *args, **kwargs)
-        self.check_input(x)
-        self.undo.hits += 1
-        return self.split(x, *args, **kwargs)
+        return self.fn(x, *args, **kwargs) if self.bypass else super().wrapped(x, *args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
