@@ -204,3 +204,20 @@ def test_bench_shows_its_phases_and_keeps_a_diverged_recipe_as_a_row(tmp_path, c
     plain = result["rows"][0]
     assert plain["accuracy"] is None and "at step" in plain["diverged"]
     assert "| plain |" in out and "n/a" in out
+
+
+def test_train_measure_plan_and_estimate_take_the_same_optimizer_names():
+    """A user's `--optimizer sgd --momentum 0.9` means the same in every verb (plan used to call it sgd_momentum and
+    read `sgd` as no momentum); the cost model's name follows from the two."""
+    from edgetrain.cli import build_parser
+    from edgetrain.cli._common import cost_optimizer
+
+    parser = build_parser()
+    actions = parser._subparsers._group_actions[0].choices  # verb -> its parser
+    for verb in ("train", "measure", "plan", "estimate"):
+        opt = next(a for a in actions[verb]._actions if "--optimizer" in a.option_strings)
+        mom = next(a for a in actions[verb]._actions if "--momentum" in a.option_strings)
+        assert tuple(opt.choices) == ("sgd", "adamw") and opt.default == "sgd" and mom.default == 0.9, verb
+    assert cost_optimizer(parser.parse_args(["plan"])) == "sgd_momentum"
+    assert cost_optimizer(parser.parse_args(["estimate", "--momentum", "0"])) == "sgd"
+    assert cost_optimizer(parser.parse_args(["estimate", "--optimizer", "adamw"])) == "adamw"

@@ -162,6 +162,16 @@ def test_a_model_without_sequential_gets_its_frozen_stages_chunked_one_by_one():
     assert not any("forward" in m.__dict__ for m in model.modules())  # removed
 
 
+def test_a_frozen_part_that_cannot_be_chunked_is_left_whole_and_the_rest_is_chunked():
+    torch.manual_seed(0)
+    model = seeded(NotSequential(), 0, torch.float32).train()
+    model.stages[1].conv = nn.Sequential(model.stages[1].conv, nn.Dropout(0.5))  # random numbers in train mode
+    x = torch.randn(6, 3, 12, 12)
+    with et.apply_(model, [Freeze(targets=["stages.2", "head"], classifier=False), FrozenChunks(chunks=3)], x):
+        assert {n for n, m in model.named_modules() if "forward" in m.__dict__} == {"stages.0"}
+        model(x)  # trains: stages.1 runs whole, its dropout as without chunks
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _refused(model: nn.Module, recipe, x: torch.Tensor, match: str) -> str:
     before = copy.deepcopy(model.state_dict())

@@ -95,3 +95,22 @@ def one_line_warnings() -> Iterator[None]:
         warnings.simplefilter("always", DataWarning)
         warnings.showwarning = line
         yield
+
+
+#: the optimizer names every verb takes (train, measure, plan, estimate): SGD (with ``--momentum``) or AdamW
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def add_optimizer_args(g, *, what: str) -> None:  # noqa: ANN001  (a parser or an argument group)
+    """``--optimizer`` and ``--momentum``, the same names and defaults in every verb (as ``edgetrain train``)."""
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help=f"optimizer {what} (default sgd; with --momentum, default 0.9; adamw keeps two moments)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9; 0: no momentum state)")
+
+
+def cost_optimizer(args: argparse.Namespace) -> str:
+    """The cost model's name of the optimizer ``args`` describe: ``sgd``, ``sgd_momentum`` or ``adamw``."""
+    if args.optimizer == "adamw":
+        return "adamw"
+    return "sgd_momentum" if args.momentum else "sgd"
+

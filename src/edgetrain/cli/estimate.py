@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from edgetrain.cli._common import add_model_args, recipe, workload
+from edgetrain.cli._common import add_model_args, add_optimizer_args, cost_optimizer, recipe, workload
 from edgetrain.run import finite
 
 
@@ -18,8 +18,7 @@ def add_parser(sub) -> None:
     add_model_args(p.add_argument_group("model"), pretrained=False)
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adamw"], default="sgd_momentum",
-                   help="optimizer state: none, momentum (default) or Adam's two moments")
+    add_optimizer_args(p, what="whose state is counted")
     p.add_argument("--recipe", default=None, help="recipe file (.yaml/.json); default: plain training")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     wl, rec = workload(args), recipe(args)
     model = wl.build_model(args.num_classes)
-    table = estimate(model, rec, batch_size=wl.batch_size, optimizer=args.optimizer,
+    table = estimate(model, rec, batch_size=wl.batch_size, optimizer=cost_optimizer(args),
                      example=wl.example_input(zeros=True))
     if args.json:
         print(json.dumps(finite(table.to_dict()), indent=2, allow_nan=False))

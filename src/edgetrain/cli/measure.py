@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from edgetrain.cli._common import add_workload_args, recipe, workload
+from edgetrain.cli._common import add_optimizer_args, add_workload_args, recipe, workload
 from edgetrain.execution import FusedStep
 from edgetrain.run import finite
 
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                        "the measurement contract: saved_bytes, peak_bytes, param_bytes, grad_bytes, "
                        "optimizer_bytes, step_seconds.")
     add_workload_args(p)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer (default sgd, momentum 0.9)")
+    add_optimizer_args(p, what="of the measured steps")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate of the measured steps")
     p.add_argument("--repeats", type=int, default=5, help="timed steps after one warm-up (median reported)")
     p.add_argument("--json", action="store_true", help="print the contract fields as JSON")
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     model = wl.build_model(data.num_classes)
     batch = wl.example_batch(data)
     apply_(model, rec, batch[0])
-    opt = build_optimizer(model, TrainConfig(steps=1, optimizer=args.optimizer, lr=args.lr))
+    opt = build_optimizer(model, TrainConfig(steps=1, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum))
     ex = rec.execution  # the recipe's micro-batches and fused step run as in `edgetrain train`
     fused = FusedStep(opt) if ex.fused_step else None
     try:

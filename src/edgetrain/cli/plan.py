@@ -8,7 +8,7 @@ import json
 import torch
 
 from edgetrain import smoke
-from edgetrain.cli._common import add_workload_args, workload
+from edgetrain.cli._common import add_optimizer_args, add_workload_args, cost_optimizer, workload
 
 
 def add_parser(sub) -> None:
@@ -25,8 +25,7 @@ def add_parser(sub) -> None:
                    "(sets the default budget and batch size)")
     p.add_argument("--plan-batch-size", type=int, default=None,
                    help="batch size the budget must hold (default: the device's, else --batch-size)")
-    p.add_argument("--optimizer", choices=["sgd", "sgd_momentum", "adamw"], default="sgd_momentum",
-                   help="optimizer state counted in the budget (default sgd_momentum, as `edgetrain train`)")
+    add_optimizer_args(p, what="whose state the budget counts, as `edgetrain train` takes it")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                    help="train the chosen weights in fp32 (default) or as int8 with QAS (whole weights only)")
     p.add_argument("--frozen", choices=["fp32", "int8"], default="fp32",
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
     data = wl.load_data("train")
     model = wl.build_model(data.num_classes)
-    p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, args.optimizer,
+    p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, cost_optimizer(args),
              precision=args.precision, flash=device.flash_bytes if device else None, frozen=args.frozen)
     if args.output:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from edgetrain.cli._common import add_workload_args, one_line_warnings, recipe, workload
+from edgetrain.cli._common import add_optimizer_args, add_workload_args, one_line_warnings, recipe, workload
 
 
 def add_parser(sub) -> None:
@@ -17,9 +17,8 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("schedule")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1 epoch if --epochs unset)")
     g.add_argument("--epochs", type=float, default=None, help="epochs (alternative to --steps)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    add_optimizer_args(g, what="of the run")
     g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--schedule", choices=["cosine", "constant", "step"], default="cosine")
     g.add_argument("--warmup-steps", type=int, default=0)

@@ -24,8 +24,9 @@ tests/techniques/test_frozen_chunks.py). Where it refuses (one line each): nothi
 trains; ``targets`` that are not consecutive children of one stock ``nn.Sequential``; a BatchNorm in the chunks that
 would normalise with batch statistics or an op that draws random numbers in train mode (both change with the
 chunking: at apply by the probe and at the first forward that meets them); any op that mixes samples (the probe sees
-the difference). A unit that does not run on a random float batch (token ids) is left whole; if none does, it
-refuses.
+the difference). Where it finds the frozen prefix itself, a part of it that refuses so is left whole (what it
+computes is unchanged: it is just not chunked) and the rest runs in chunks; if every part refuses, it refuses with
+the first reason; named ``targets`` refuse at once.
 
 Stored for backward: nothing (no graph is built in the chunks); transient: one chunk's maps and the output.
 """
@@ -185,7 +186,8 @@ def prefix(model: nn.Module, structure: Structure) -> list[Unit]:
                 break
             run.append(k)
         if run and isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
-            units.append(Unit(where, tuple(run)))
+            if len(run) > 1 or model.get_submodule(run[0])._modules:  # one leaf (a dropout before a head): no gain
+                units.append(Unit(where, tuple(run)))
         else:
             units += [Unit(None, (k,)) for k in _callable(model, run)]
         if len(run) == len(kids):
@@ -206,50 +208,63 @@ def _entry_shape(structure: Structure, inner: list[str]) -> tuple[int, ...]:
     return entry.in_shape
 
 
-def _install(model: nn.Module, structure: Structure, unit: Unit, chunks: int, undo: Undo) -> tuple[_Chunked, tuple]:
+def _install(model: nn.Module, unit: Unit, chunks: int, undo: Undo, own: Undo) -> _Chunked:
+    """Wrap the unit's forward (removed by ``own``); its calls count in ``undo.hits``."""
     if unit.parent is None:
         module = model.get_submodule(unit.names[0])
         chunked = _Chunked(module, 0, 0, chunks, undo, fn=module.forward)
-        patch_forward(module, chunked.wrapped, undo)
-        return chunked, _entry_shape(structure, list(unit.names))
-    where, parent, first, last = span(model, list(unit.names), WHO)
+        patch_forward(module, chunked.wrapped, own)
+        return chunked
+    _, parent, first, last = span(model, list(unit.names), WHO)
     chunked = _Chunked(parent, first, last, chunks, undo)
-    patch_forward(parent, chunked.forward, undo)
-    return chunked, _entry_shape(structure, list(unit.names))
+    patch_forward(parent, chunked.forward, own)
+    return chunked
+
+
+def _check(chunked: _Chunked, shape: tuple[int, ...], unit: Unit, chunks: int) -> None:
+    """Chunks == whole on a random batch of the traced shape, in the current modes (a one-line ConfigError)."""
+    dtype = next((p.dtype for p in chunked.params if p.is_floating_point()), torch.get_default_dtype())
+    x = torch.randn((2 * chunks + 1, *shape[1:]), generator=torch.Generator().manual_seed(0), dtype=dtype)  # uneven
+    err = probe(chunked, x)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # float rounding of the kernels on another batch size
+    if not err <= tol:
+        raise ConfigError(f"{WHO}: {', '.join(unit.names)} in chunks differ from the whole batch (relative "
+                          f"difference {err:.3g}: an op mixes samples); not applied")
 
 
 def _apply(model: nn.Module, cfg: FrozenChunks, targets: list[str], structure: Structure) -> Undo:
-    if cfg.targets is not None:
+    named = cfg.targets is not None
+    if named:
         names = [n for n in targets if not any(n.startswith(o + ".") for o in targets)]
-        where = span(model, names, WHO)[0]
-        units = [Unit(where, tuple(names))]
+        units = [Unit(span(model, names, WHO)[0], tuple(names))]
         ops = [op for op in structure.ops if under(op.module, names)]
         check_frozen(model, structure, ops[0].index if ops else 0, names, WHO)
     else:
         units = prefix(model, structure)
     undo = Undo()
+    kept: list[_Chunked] = []
+    refused: list[str] = []
     try:
-        probes = [_install(model, structure, unit, cfg.chunks, undo) for unit in units]
         intercept(model, ("batch_norm", *RANDOM_OPS), lambda call: next(
-            (r for r in (c.guard(call) for c, _ in probes) if r is not NotImplemented), NotImplemented), undo,
-                  count=False)
-        ran = 0
-        for (chunked, shape), unit in zip(probes, units):
-            dtype = next((p.dtype for p in chunked.params if p.is_floating_point()), torch.get_default_dtype())
-            n = 2 * cfg.chunks + 1  # uneven chunks, each of more than one sample
-            x = torch.randn((n, *shape[1:]), generator=torch.Generator().manual_seed(0), dtype=dtype)
+            (r for r in (c.guard(call) for c in kept) if r is not NotImplemented), NotImplemented), undo, count=False)
+        for unit in units:
+            shape = _entry_shape(structure, list(unit.names))
+            own = Undo()
+            chunked = _install(model, unit, cfg.chunks, undo, own)
+            kept.append(chunked)
             try:
-                err = probe(chunked, x)
-            except ConfigError as e:  # does not run on a random float batch (token ids): left whole, unless all do
-                if "do not run in chunks" not in str(e) or (ran == 0 and unit is units[-1]):
+                _check(chunked, shape, unit, cfg.chunks)
+            except ConfigError as e:  # this unit runs whole (what it computes is unchanged); named targets refuse
+                kept.remove(chunked)
+                own.remove()
+                if named:
                     raise
-                chunked.chunks = 1  # runs whole
+                refused.append(str(e))
                 continue
-            ran += 1
-            tol = 1e-12 if dtype == torch.float64 else 1e-5  # float rounding of the kernels on another batch size
-            if not err <= tol:
-                raise ConfigError(f"{WHO}: {', '.join(unit.names)} in chunks differ from the whole batch (relative "
-                                  f"difference {err:.3g}: an op mixes samples); not applied")
+            undo.add(own.remove)
+        if not kept:
+            more = f" ({len(refused) - 1} more frozen modules refused)" if len(refused) > 1 else ""
+            raise ConfigError(refused[0] + more)
     except BaseException:
         undo.remove()
         raise
