@@ -172,6 +172,100 @@ def test_a_frozen_part_that_cannot_be_chunked_is_left_whole_and_the_rest_is_chun
         model(x)  # trains: stages.1 runs whole, its dropout as without chunks
 
 
+def _same_forward(model: nn.Module, recipe, x: torch.Tensor, chunks: int = 3) -> list:
+    """The recipe with FrozenChunks computes, in train mode, what it computes without (float rounding of a dense conv
+    on another batch size aside); returns the hits of FrozenChunks in that forward."""
+    torch.manual_seed(0)
+    ref = copy.deepcopy(model)
+    with et.apply_(ref, recipe, x), torch.no_grad():
+        want = ref(x.clone())
+    with et.apply_(model, [*recipe, FrozenChunks(chunks=chunks)], x) as applied, torch.no_grad():
+        hits = applied.parts[-1][1].hits
+        got = model(x.clone())
+        hits = applied.parts[-1][1].hits - hits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    return hits
+
+
+def test_a_forward_hook_on_a_chunked_module_runs_once_per_call():
+    model = seeded(NotSequential(), 0, torch.float32).train()
+    calls = []
+    model.stages[0].register_forward_hook(lambda mod, i, o: (calls.append(o.shape[0]), o * 2)[1])
+    x = torch.randn(6, 3, 12, 12)
+    recipe = [Freeze(targets=["stages.2", "head"], classifier=False)]
+    assert _same_forward(model, recipe, x) == 2  # stages.0 and stages.1, each in chunks
+    with et.apply_(model, [*recipe, FrozenChunks(chunks=3)], x):
+        calls.clear()
+        model(x)
+    assert calls == [6]  # the hook saw the whole batch once, never a chunk
+
+
+class TakesScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage = Stage(8)
+
+    def forward(self, x, scale):
+        return self.stage(x) * scale.view(1, -1, 1, 1)
+
+
+class WithScale(NotSequential):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scaled = TakesScale()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        x = self.scaled(torch.relu(self.stem(x)), self.scale)
+        for s in self.stages:
+            x = s(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_module_called_with_other_tensors_runs_whole():
+    """Its other tensor (here of size 8, the batch size) cannot be told apart from a batched one: not chunked."""
+    model = seeded(WithScale(), 0, torch.float32).train()
+    hits = _same_forward(model, [Freeze(targets=["stages.2", "head"], classifier=False)], torch.randn(8, 3, 12, 12), 4)
+    assert hits == 2  # stages.0 and stages.1 chunked; `scaled` (called with the scale tensor) ran whole
+
+
+def test_an_identity_child_an_in_place_first_op_eval_dropout_and_an_empty_batch():
+    model = nn.Sequential(nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3), nn.Dropout(0.5).eval()),
+                          nn.Identity(), nn.Sequential(nn.Conv2d(4, 4, 3)), nn.Flatten(), nn.Linear(64, 3))
+    model[:3].requires_grad_(False)
+    x = torch.randn(5, 3, 8, 8)
+    assert _same_forward(model, [], x) == 1
+    with et.apply_(model, [FrozenChunks(chunks=2)], x):
+        assert "forward" in model.__dict__  # the root Sequential's run 0..3 is chunked
+        assert model(torch.randn(0, 3, 8, 8)).shape == (0, 3)
+
+
+def test_refuses_running_statistics_updated_per_chunk():
+    """InstanceNorm with tracked statistics updates them with each chunk's mean: its output per sample is the same,
+    its buffers are not; the probe compares both."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True)),
+                          nn.Flatten(), nn.Linear(144, 3)).train()
+    model[0].requires_grad_(False)
+    _refused(model, FrozenChunks(), torch.randn(2, 3, 8, 8), "update their buffers")
+
+
+class SignHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+        self.fc = nn.Linear(144, 3)
+
+    def forward(self, x):
+        return self.fc((self.body(x) > 0).float().flatten(1))  # a boolean map between the frozen and trained parts
+
+
+def test_a_boolean_output_is_compared_and_chunked():
+    model = SignHead()
+    model.body.requires_grad_(False)
+    x = torch.randn(5, 3, 8, 8)
+    assert _same_forward(model, [], x) == 1
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 def _refused(model: nn.Module, recipe, x: torch.Tensor, match: str) -> str:
     before = copy.deepcopy(model.state_dict())

@@ -9,6 +9,7 @@ whole: a BatchNorm normalising with batch statistics, an op that draws random nu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,6 +92,14 @@ class Region:
             raise ConfigError(f"{self.who}: the input or parameters of the blocks it runs require grad; it runs "
                               "only where no gradient flows (freeze them, and everything before them)")
 
+    def probe_split(self, x: Tensor) -> Tensor:
+        """The pieces as :func:`probe` runs them."""
+        return self.split(x)
+
+    def probe_whole(self, x: Tensor) -> Tensor:
+        """The whole run as :func:`probe` runs it."""
+        return self.run(x)
+
     def wrapped(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self.check_input(x)
         self.undo.hits += 1
@@ -115,31 +124,43 @@ class Region:
                                   f"BatchNorm); {self.what} would change them: freeze it first (Freeze runs frozen "
                                   "BatchNorms on running statistics) or keep it in eval mode")
             return NotImplemented
-        if "dropout" in call.name and call.arg(1, "p", 0.5) == 0:  # p=0 draws nothing (torch returns the input)
-            return NotImplemented
+        if "dropout" in call.name and (call.arg(1, "p", 0.5) == 0 or not call.arg(2, "training", True)):
+            return NotImplemented  # p=0 or eval mode: draws nothing (torch returns the input)
         raise ConfigError(f"{self.who}: {call.module} calls {call.name} in train mode (draws random numbers); "
                           f"{self.what} would draw different ones")
 
 
 def probe(region: Region, x: Tensor) -> float:
     """The relative difference of the pieces from the whole on ``x`` in the modules' current modes (buffers and RNG
-    put back); a one-line ConfigError when the blocks do not run in pieces."""
+    put back); a one-line ConfigError when the blocks do not run in pieces, or leave their buffers (running
+    statistics of a norm the guard does not see) other than the whole run leaves them."""
     buffers = [(b, b.clone()) for m in region.inner for b in m.buffers()]
     rng = torch.get_rng_state()
+
+    def once(fn: Callable[[Tensor], Tensor]) -> tuple[Tensor, list[Tensor]]:
+        try:
+            with torch.no_grad():
+                out = fn(x)
+                return out, [b.clone() for b, _ in buffers]
+        finally:
+            with torch.no_grad():
+                for b, v in buffers:
+                    b.copy_(v)
+            torch.set_rng_state(rng)
+
     try:
-        with torch.no_grad():
-            split = region.split(x)
-            whole = region.run(x)
+        (split, after_split), (whole, after_whole) = once(region.probe_split), once(region.probe_whole)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001  (whatever the blocks raise on a piece: one line)
         raise ConfigError(f"{region.who}: the blocks do not run in {region.what} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    finally:
-        with torch.no_grad():
-            for b, v in buffers:
-                b.copy_(v)
-        torch.set_rng_state(rng)
-    if not (isinstance(split, Tensor) and isinstance(whole, Tensor) and split.shape == whole.shape):
+    if any(not torch.equal(a, b) for a, b in zip(after_split, after_whole)):
+        raise ConfigError(f"{region.who}: the blocks update their buffers (running statistics) differently in "
+                          f"{region.what} than whole; not applied")
+    try:
+        if not (isinstance(split, Tensor) and isinstance(whole, Tensor) and split.shape == whole.shape):
+            return float("inf")
+        return float((split.double() - whole.double()).abs().max()) / max(float(whole.double().abs().max()), 1e-30)
+    except Exception:  # noqa: BLE001  (an output that does not subtract: not comparable, so not applied)
         return float("inf")
-    return float((split - whole).abs().max()) / max(float(whole.abs().max()), 1e-30)

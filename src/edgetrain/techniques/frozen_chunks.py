@@ -15,8 +15,9 @@ spatial patches instead, :mod:`.patch_execute`).
 What it chunks: from the model down, the leading children of each module that hold no trainable parameter and call
 only ops before the first op that trains; in a stock ``nn.Sequential`` they run in chunks together (its forward
 wrapped), elsewhere each one that has children runs in chunks on its own (its own forward wrapped, called once per
-chunk, so its forward hooks fire per chunk; a ``ModuleList`` stands for its children), then the same inside the first
-child that trains. Every tensor argument with the batch first is chunked with the input.
+call; a ``ModuleList`` stands for its children), then the same inside the first
+child that trains. A module called with other tensors too (a mask beside hidden states) or with keyword arguments
+runs whole: which of their dimensions is the batch is not known.
 
 Exact, up to float rounding of the kernels on another batch size: the chunks run the blocks as the model defines them
 (probed at apply on a random input against the whole batch; measured bit-exact on MobileNetV2 in float32 here,
@@ -92,26 +93,19 @@ class _Chunked(Region):
             self.params = list(parent.parameters())
         self.fn, self.chunks, self.bypass = fn, chunks, False
 
-    def run(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.fn is None:
-            return super().run(x)
-        # the module called again, its forward unchunked: its hooks (the op dispatcher's scope) fire for each chunk
-        self.bypass = True
-        try:
-            return self.inner[0](x, *args, **kwargs)
-        finally:
-            self.bypass = False
+    def run(self, x: Tensor, *args: Any) -> Tensor:
+        # a module's own forward, inside its call (its hooks, and the op dispatcher's scope, entered once)
+        return super().run(x) if self.fn is None else self.fn(x, *args)
 
-    def pieces(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def pieces(self, x: Tensor, *args: Any) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() == 0:
             raise ConfigError(f"{WHO}: the blocks got {type(x).__name__}; chunks split a batched tensor")
         n = x.shape[0]
+        if n == 0:
+            return self.run(x, *args)
         out, a = None, 0
         for b in [round(i * n / min(self.chunks, n)) for i in range(1, min(self.chunks, n) + 1)]:
-            def cut(t: Tensor, a: int = a, b: int = b) -> Tensor:  # every tensor with the batch first is chunked
-                return t[a:b] if t.dim() and t.shape[0] == n else t
-
-            y = self.run(x[a:b], *map_tensors(args, cut), **map_tensors(kwargs, cut))
+            y = self.run(x[a:b], *args)
             if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != b - a:
                 raise ConfigError(f"{WHO}: the blocks returned {type(y).__name__} "
                                   f"{list(y.shape) if isinstance(y, Tensor) else ''} for a chunk of {b - a}; "
@@ -124,7 +118,29 @@ class _Chunked(Region):
         return out
 
     def wrapped(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.fn(x, *args, **kwargs) if self.bypass else super().wrapped(x, *args, **kwargs)
+        # a call with other tensors (a mask beside hidden states) or keyword arguments runs whole: which of their
+        # dimensions is the batch is not known
+        if self.bypass or kwargs or any(isinstance(a, Tensor) for a in args):
+            return self.fn(x, *args, **kwargs)
+        return super().wrapped(x, *args)
+
+    def probe_split(self, x: Tensor) -> Tensor:
+        if self.fn is None:
+            return super().probe_split(x)
+        hits = self.undo.hits
+        try:
+            return self.inner[0](x)  # through the module's call: its scope entered once, then the chunks
+        finally:
+            self.undo.hits = hits
+
+    def probe_whole(self, x: Tensor) -> Tensor:
+        if self.fn is None:
+            return super().probe_whole(x)
+        self.bypass = True
+        try:
+            return self.inner[0](x)
+        finally:
+            self.bypass = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,21 +194,26 @@ def prefix(model: nn.Module, structure: Structure) -> list[Unit]:
     where = ""
     while True:
         parent = model.get_submodule(where)
-        kids = [f"{where}.{k}" if where else k for k in parent._modules if (f"{where}.{k}" if where else k) in
-                frozen.calls]  # children the forward calls, in order
+        stock = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+        kids = [f"{where}.{k}" if where else k for k in parent._modules]
+        kids = [k for k in kids if k in frozen.calls or (stock and not any(  # a Sequential calls an nn.Identity too
+            p.requires_grad for p in model.get_submodule(k).parameters()))]  # children the forward calls, in order
         run = []
         for k in kids:
-            if not frozen(k):
+            if not (frozen(k) or (stock and k not in frozen.calls)):
                 break
             run.append(k)
-        if run and isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        stop = len(run)  # the first child not in the run
+        while run and run[-1] not in frozen.calls:  # no op-less child at the end of a run
+            run.pop()
+        if run and stock:
             if len(run) > 1 or model.get_submodule(run[0])._modules:  # one leaf (a dropout before a head): no gain
                 units.append(Unit(where, tuple(run)))
         else:
             units += [Unit(None, (k,)) for k in _callable(model, run)]
-        if len(run) == len(kids):
+        if stop == len(kids):
             break
-        where = kids[len(run)]  # the first child that trains: its own frozen first part
+        where = kids[stop]  # the first child that trains: its own frozen first part
     if not units:
         raise ConfigError(f"{WHO}: no frozen modules before the first op that trains; apply it after the technique "
                           "that freezes them")
@@ -200,12 +221,16 @@ def prefix(model: nn.Module, structure: Structure) -> list[Unit]:
 
 
 def _entry_shape(structure: Structure, inner: list[str]) -> tuple[int, ...]:
-    ops = [op for op in structure.ops if under(op.module, inner)]
-    made = {o for op in ops for o in op.outputs}
-    entry = next((op for op in ops if op.inputs and op.inputs[0] not in made and op.in_shape), None)
-    if not ops or entry is None:
-        raise ConfigError(f"{WHO}: could not find the batched input of {inner} in the traced forward")
-    return entry.in_shape
+    """The shape of the first tensor the unit's ops read that none of its earlier ops produced (its input; an
+    in-place first op reads and writes the same tensor)."""
+    made: set[int] = set()
+    for op in structure.ops:
+        if not under(op.module, inner):
+            continue
+        if op.inputs and op.inputs[0] not in made and op.in_shape:
+            return op.in_shape
+        made.update(op.outputs)
+    raise ConfigError(f"{WHO}: could not find the batched input of {inner} in the traced forward")
 
 
 def _install(model: nn.Module, unit: Unit, chunks: int, undo: Undo, own: Undo) -> _Chunked:
@@ -248,20 +273,21 @@ def _apply(model: nn.Module, cfg: FrozenChunks, targets: list[str], structure: S
         intercept(model, ("batch_norm", *RANDOM_OPS), lambda call: next(
             (r for r in (c.guard(call) for c in kept) if r is not NotImplemented), NotImplemented), undo, count=False)
         for unit in units:
-            shape = _entry_shape(structure, list(unit.names))
             own = Undo()
-            chunked = _install(model, unit, cfg.chunks, undo, own)
-            kept.append(chunked)
+            undo.add(own.remove)  # removing twice is a no-op
+            chunked = None
             try:
+                shape = _entry_shape(structure, list(unit.names))
+                chunked = _install(model, unit, cfg.chunks, undo, own)
+                kept.append(chunked)
                 _check(chunked, shape, unit, cfg.chunks)
             except ConfigError as e:  # this unit runs whole (what it computes is unchanged); named targets refuse
-                kept.remove(chunked)
+                if chunked in kept:
+                    kept.remove(chunked)
                 own.remove()
                 if named:
                     raise
                 refused.append(str(e))
-                continue
-            undo.add(own.remove)
         if not kept:
             more = f" ({len(refused) - 1} more frozen modules refused)" if len(refused) > 1 else ""
             raise ConfigError(refused[0] + more)
@@ -281,9 +307,9 @@ register(
               "of the frozen high-resolution layers); chunked inference, no paper",
         reduces=frozenset({"compute"}),  # transient buffers of the forward: the peak, not saved activations
         default_targets=lambda model, structure: [],
-        looks_for="frozen first blocks in one nn.Sequential, before the first op that trains",
-        limits="frozen first blocks only (after Freeze/SparseUpdate), children of one nn.Sequential; no batch "
-               "statistics, random ops or ops that mix samples in them",
+        looks_for="frozen modules before the first op that trains (apply it after a freezing technique)",
+        limits="the frozen first part only (after Freeze/SparseUpdate); no batch statistics, random ops, buffer "
+               "updates or ops that mix samples in it; a module called with other tensors runs whole",
         conflicts=frozenset({"patch_execute"}),
         examples=(FrozenChunks(chunks=2), FrozenChunks(chunks=3)),
         example_model=_example_model,
