@@ -39,6 +39,7 @@ from edgetrain.techniques import (
     GradientFilter,
     Int8,
     Int8Frozen,
+    LoRA,
     MobileTL,
     PatchExecute,
     SparseUpdate,
@@ -48,6 +49,7 @@ from edgetrain.train import TrainConfig, TrainResult, evaluate, train
 from edgetrain.workload import Workload
 
 __all__ = [
+    "LoRA",
     "PatchExecute",
     "MobileTL",
     "Int8Frozen",

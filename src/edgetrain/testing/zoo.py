@@ -195,7 +195,7 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
     where the config names layers). Every registered technique must have one (the zoo test checks)."""
     from edgetrain.recipe import Recipe
     from edgetrain.techniques import (ActNN, ApproxMultiply, BiasOnly, BNNEdge, Checkpoint, Comet, Freeze,
-                                      FrozenChunks, FrozenInference, GradientFilter, Int8, Int8Frozen, MobileTL,
+                                      FrozenChunks, FrozenInference, GradientFilter, Int8, Int8Frozen, LoRA, MobileTL,
                                       SparseUpdate)
     from edgetrain.techniques.sparse_update import layers
 
@@ -217,6 +217,7 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         "frozen_inference": Recipe([Freeze(last_k_blocks=2), FrozenInference()], name="frozen_inference"),
         "int8_frozen": Recipe([Freeze(last_k_blocks=2), Int8Frozen()], name="int8_frozen"),
         "frozen_chunks": Recipe([Freeze(last_k_blocks=2), FrozenChunks(chunks=2)], name="frozen_chunks"),
+        "lora": LoRA(rank=2),
         "patch_execute": __import__("edgetrain.techniques", fromlist=["PatchExecute"]).PatchExecute(blocks=2),
     }
 
@@ -254,6 +255,11 @@ def _compare(model: nn.Module, got: dict[str, Tensor], ref: dict[str, Tensor]) -
             layer = model.get_submodule(name.rpartition(".")[0])
             dim = 1 if g.shape[1] != layer.weight.shape[1] or layer.weight.shape[1] != 1 else 0
             r = ref[name.replace("weight_part", "weight")].index_select(dim, layer.weight_keep)
+        elif name.endswith((".lora_A", ".lora_B")):  # W + s * B @ A: dL/dB = s * dL/dW @ A^T, dL/dA = s * B^T @ dL/dW
+            layer = model.get_submodule(name.rpartition(".")[0])
+            gw = ref[f"{name.rpartition('.')[0]}.weight"].flatten(1).double()
+            a_, b_ = layer.lora_A.detach().flatten(1).double(), layer.lora_B.detach().flatten(1).double()
+            r = layer.lora_scale * (gw @ a_.T if name.endswith("B") else b_.T @ gw)
         else:
             r = ref[name]
         a.append(g.flatten().double())
@@ -309,8 +315,9 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
     del out
     _, got = _grads(work, inputs, target)
     ref_model = frozen_reference(original, work)
-    for n, p in ref_model.named_parameters():  # a partial-weight layer's reference trains the whole weight
-        if f"{n.rpartition('.')[0]}.weight_part" in dict(work.named_parameters()) and n.endswith(".weight"):
+    trained = dict(work.named_parameters())
+    for n, p in ref_model.named_parameters():  # a partial-weight or adapted layer's reference trains the whole weight
+        if n.endswith(".weight") and any(f"{n.rpartition('.')[0]}.{k}" in trained for k in ("weight_part", "lora_A")):
             p.requires_grad_(True)
     _, ref = _grads(ref_model, inputs, target)
     row["grad_error"], row["grad_cosine"] = _compare(work, _as_reference(work, got), ref)
