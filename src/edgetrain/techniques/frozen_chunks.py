@@ -151,7 +151,9 @@ class Unit:
     names: tuple[str, ...]
 
 
-def _frozen_names(model: nn.Module, structure: Structure) -> Callable[[str], bool]:
+def _frozen_names(model: nn.Module, structure: Structure) -> tuple[Callable[[str], bool], dict[str, list[int]]]:
+    """``frozen(name)`` (no trainable parameter, only ops before the first that trains) and the op indices each
+    module (with its children) calls."""
     params = dict(model.named_parameters())
     trains = [op.index for op in structure.ops if any(params[p].requires_grad for p in op.params if p in params)]
     if not trains:
@@ -168,8 +170,7 @@ def _frozen_names(model: nn.Module, structure: Structure) -> Callable[[str], boo
         return bool(ops) and max(ops) < first and not any(
             p.requires_grad for p in model.get_submodule(name).parameters())
 
-    frozen.calls = calls  # type: ignore[attr-defined]
-    return frozen
+    return frozen, calls
 
 
 def _callable(model: nn.Module, names: list[str]) -> list[str]:
@@ -189,22 +190,22 @@ def prefix(model: nn.Module, structure: Structure) -> list[Unit]:
     """The frozen prefix, from the model down: in each module, its leading children that hold no trainable parameter
     and call only ops before the first op that trains; in a stock Sequential they run in chunks together, elsewhere
     each one that has children of its own does; then the same inside the first child that is not frozen."""
-    frozen = _frozen_names(model, structure)
+    frozen, calls = _frozen_names(model, structure)
     units: list[Unit] = []
     where = ""
     while True:
         parent = model.get_submodule(where)
         stock = isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
         kids = [f"{where}.{k}" if where else k for k in parent._modules]
-        kids = [k for k in kids if k in frozen.calls or (stock and not any(  # a Sequential calls an nn.Identity too
+        kids = [k for k in kids if k in calls or (stock and not any(  # a Sequential calls an nn.Identity too
             p.requires_grad for p in model.get_submodule(k).parameters()))]  # children the forward calls, in order
         run = []
         for k in kids:
-            if not (frozen(k) or (stock and k not in frozen.calls)):
+            if not (frozen(k) or (stock and k not in calls)):
                 break
             run.append(k)
         stop = len(run)  # the first child not in the run
-        while run and run[-1] not in frozen.calls:  # no op-less child at the end of a run
+        while run and run[-1] not in calls:  # no op-less child at the end of a run
             run.pop()
         if run and stock:
             if len(run) > 1 or model.get_submodule(run[0])._modules:  # one leaf (a dropout before a head): no gain
