@@ -210,6 +210,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     total = smoke.cap(config.total_steps(spe), smoke.STEPS)
     first = next(iter(train_data.batches(config.batch_size, seed=config.seed, epoch=0)))[0]
     _probe(model, first)
+    seed_all(config.seed)  # parameters a technique adds (LoRA's A) are drawn from the run's seed, so resume matches
     handle = apply_(model, recipe, first)  # traced and checked on the first batch
     run = None
     try:
