@@ -39,6 +39,9 @@ from edgetrain.techniques import (
     GradientFilter,
     Int8,
     Int8Frozen,
+    KronA,
+    KronABlock,
+    LiteResidual,
     LoRA,
     MobileTL,
     PatchExecute,
@@ -49,6 +52,9 @@ from edgetrain.train import TrainConfig, TrainResult, evaluate, train
 from edgetrain.workload import Workload
 
 __all__ = [
+    "KronA",
+    "KronABlock",
+    "LiteResidual",
     "LoRA",
     "PatchExecute",
     "MobileTL",

@@ -148,10 +148,53 @@ def _estimate(model, recipe: Recipe, wl: Workload, cfg, example) -> Any:  # noqa
         return None
 
 
+def bench_row(model: torch.nn.Module, recipe: Recipe, batch, cfg, train_data, eval_data, *,  # noqa: ANN001
+              repeats: int, tag: str, progress: bool = True) -> dict[str, Any]:
+    """Measure one training step of ``model`` (already changed by ``recipe``, or by anything else: a PEFT model)
+    and train it with ``cfg``; returns the bench row (meter, accuracy, time). ``recipe`` gives the name and the
+    execution (fused step, micro-batches)."""
+    from edgetrain.measure import measure
+    from edgetrain.train import build_optimizer, train
+
+    ex = recipe.execution
+    opt = build_optimizer(model, cfg)
+    fused = FusedStep(opt) if ex.fused_step else None
+    m = measure(model, batch, optimizer=fused or opt, warmup=1, repeats=repeats, micro=ex.micro_batches, bn=ex.bn)
+    if fused is not None:
+        fused.remove()
+    t0 = time.perf_counter()
+    try:
+        # already applied; an empty recipe with its name and execution labels the progress and runs the steps
+        result = train(model, train_data, eval_data, cfg, recipe=Recipe(name=recipe.name, execution=ex),
+                       progress=progress)
+        accuracy, diverged = result.accuracy, None
+    except TrainingDiverged as e:  # one recipe's divergence is a result, not the end of the bench
+        accuracy, diverged = None, str(e)
+        if progress:
+            print(f"{tag}: diverged: {e}", file=sys.stderr, flush=True)
+    if progress:
+        print(f"{tag}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    row = {"name": recipe.name, "techniques": recipe.technique_names, **m.to_dict()}
+    if diverged:
+        row["diverged"] = diverged
+    row.update(accuracy=accuracy, train_seconds=round(time.perf_counter() - t0, 2),
+               train_bytes=m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes, recipe=recipe.to_dict(),
+               trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return row
+
+
+def ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's step, saved and peak against the first row's (the bench runs plain first)."""
+    plain = rows[0]
+    for row in rows:
+        row["step_ratio"] = round(row["step_seconds"] / plain["step_seconds"], 3)
+        row["saved_ratio"] = round(row["saved_bytes"] / max(plain["saved_bytes"], 1), 4)
+        row["peak_ratio"] = round(row["peak_bytes"] / max(plain["peak_bytes"], 1), 4)
+
+
 def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> dict[str, Any]:
     """Run every recipe of ``spec``; returns ``{"provenance": ..., "rows": [...]}``."""
-    from edgetrain.measure import measure
-    from edgetrain.train import TrainConfig, build_optimizer, train
+    from edgetrain.train import TrainConfig
 
     torch.set_num_threads(threads)
     prov = provenance(threads)  # the code that runs is the code at the start, whatever is committed meanwhile
@@ -171,38 +214,13 @@ def run_bench(spec: BenchSpec, *, threads: int = 2, progress: bool = True) -> di
         model = wl.build_model(train_data.num_classes)
         est = _estimate(model, recipe, wl, cfg, batch[0])
         apply_(model, recipe, batch[0])
-        ex = recipe.execution
-        opt = build_optimizer(model, cfg)
-        fused = FusedStep(opt) if ex.fused_step else None
-        m = measure(model, batch, optimizer=fused or opt, warmup=1, repeats=spec.measure_repeats,
-                    micro=ex.micro_batches, bn=ex.bn)
-        if fused is not None:
-            fused.remove()
-        t0 = time.perf_counter()
-        try:
-            # already applied above; an empty recipe with its name and execution labels the progress and runs the steps
-            result = train(model, train_data, eval_data, cfg, recipe=Recipe(name=recipe.name, execution=ex),
-                           progress=progress)
-            accuracy, diverged = result.accuracy, None
-        except TrainingDiverged as e:  # one recipe's divergence is a result, not the end of the bench
-            accuracy, diverged = None, str(e)
-            say(f"{tag}: diverged: {e}")
-        say(f"{tag}: done in {time.perf_counter() - t0:.0f} s")
-        row = {"name": recipe.name, "techniques": recipe.technique_names, **m.to_dict()}
-        if diverged:
-            row["diverged"] = diverged
-        row.update(accuracy=accuracy, train_seconds=round(time.perf_counter() - t0, 2),
-                   train_bytes=m.saved_bytes + 2 * m.grad_bytes + m.optimizer_bytes,
-                   estimate_bytes=est and est.saved_bytes, estimate_train_bytes=est and est.train_bytes,
-                   recipe=recipe.to_dict())
+        row = bench_row(model, recipe, batch, cfg, train_data, eval_data, repeats=spec.measure_repeats, tag=tag,
+                        progress=progress)
+        row.update(estimate_bytes=est and est.saved_bytes, estimate_train_bytes=est and est.train_bytes)
         if recipe.name in spec.paper_claims:
             row["paper_claim"] = spec.paper_claims[recipe.name]
         rows.append(row)
-    plain = rows[0]
-    for row in rows:
-        row["step_ratio"] = round(row["step_seconds"] / plain["step_seconds"], 3)
-        row["saved_ratio"] = round(row["saved_bytes"] / max(plain["saved_bytes"], 1), 4)
-        row["peak_ratio"] = round(row["peak_bytes"] / max(plain["peak_bytes"], 1), 4)
+    ratios(rows)
     extra = {"work": spec.work, "name": spec.name, "workload": wl.to_dict(), "train": dataclasses.asdict(cfg),
              "train_size": len(train_data), "eval_size": len(eval_data), "data": train_data.name}
     prov.update(extra, finished=provenance(threads)["date"])

@@ -96,6 +96,8 @@ class Structure:
     classifier: str | None
     opaque: dict[str, list[str]]  # module -> parameters read only inside opaque composite calls
     unused: list[str]  # modules with parameters never called in the traced forward
+    io: dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]] = dataclasses.field(default_factory=dict)
+    # module -> shapes of the first tensor its first call read and returned
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (``edgetrain inspect --json``): the derived structure without the op log."""
@@ -128,6 +130,15 @@ class _Tracer:
         self.ops: list[OpRecord] = []
         self.calls: list[tuple[str, int, int]] = []  # (module, first op, end op) per module call
         self.keep: list[Any] = []  # keep traced tensors alive: their ids stay unique
+        self.io: dict[str, tuple[tuple[int, ...] | None, tuple[int, ...] | None]] = {}  # first call's tensor shapes
+
+    def enter(self, name: str, args: Any, kwargs: Any) -> None:
+        if name not in self.io:
+            self.io[name] = (_first_shape((args, kwargs)), None)
+
+    def leave(self, name: str, out: Any) -> None:
+        if name in self.io and self.io[name][1] is None:
+            self.io[name] = (self.io[name][0], _first_shape(out) or ())
 
     def record(self, call) -> Any:  # noqa: ANN001
         out = call.proceed()
@@ -152,6 +163,11 @@ class _Tracer:
         return out
 
 
+def _first_shape(tree: Any) -> tuple[int, ...] | None:
+    flat, _ = tree_flatten(tree)
+    return next((tuple(t.shape) for t in flat if isinstance(t, Tensor)), None)
+
+
 def trace_ops(model: nn.Module, inputs: Any) -> _Tracer:
     """Run one eval-mode, no-grad forward of ``inputs`` and log every op and module call (state untouched)."""
     from edgetrain.ops import Undo, intercept
@@ -161,9 +177,16 @@ def trace_ops(model: nn.Module, inputs: Any) -> _Tracer:
     starts: dict[str, list[int]] = {}
     handles = []
     for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(lambda *_, n=name: starts.setdefault(n, []).append(len(tracer.ops))))
-        handles.append(m.register_forward_hook(
-            lambda *_, n=name: tracer.calls.append((n, starts[n].pop(), len(tracer.ops))), always_call=True))
+        def pre(_m, args, kwargs, n=name):  # noqa: ANN001, ANN202
+            starts.setdefault(n, []).append(len(tracer.ops))
+            tracer.enter(n, args, kwargs)
+
+        def post(_m, _args, _kwargs, out, n=name):  # noqa: ANN001, ANN202
+            tracer.calls.append((n, starts[n].pop(), len(tracer.ops)))
+            tracer.leave(n, out)
+
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
     intercept(model, None, tracer.record, undo, count=False)
     modes = {m: m.training for m in model.modules()}
     rng = torch.get_rng_state()
@@ -352,7 +375,8 @@ def analyze(model: nn.Module, inputs: Any, blocks: Sequence[str] | None = None,
         if head is not None:  # the classifier is the head, not a block (as in the built-in zoo's block_names)
             kept = [b for b in block_names if not (b == head or head.startswith(b + ".") or b.startswith(head + "."))]
             block_names = kept or block_names
-    return Structure(type(model).__name__, ops, call_order, layers, acts, block_names, source, head, opaque, unused)
+    return Structure(type(model).__name__, ops, call_order, layers, acts, block_names, source, head, opaque, unused,
+                     tracer.io)
 
 
 def format_structure(s: Structure) -> str:

@@ -1,5 +1,5 @@
-"""LoRA: gradients of the adapters against plain PyTorch (float64, a model whose weights are W + s * B @ A as a
-function of A and B), merge() equal to the unmerged model, targets, refusals, and what it saves."""
+"""LoRA: the conv update's composed kernel, targets, refusals, and what it saves (gradients against plain PyTorch and
+merge() equality for every weight adapter: tests/techniques/test_adapters.py)."""
 
 from __future__ import annotations
 
@@ -26,60 +26,6 @@ def _randomise_b(model: nn.Module, seed: int = 1) -> None:
     with torch.no_grad():
         for m in _adapters(model).values():  # B starts at zero: give the test a non-trivial update
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g, dtype=m.lora_B.dtype))
-
-
-@pytest.mark.parametrize("cfg", [LoRA(rank=2), LoRA(rank=3, alpha=1.5, classifier=False)])
-def test_gradients_equal_plain_pytorch_with_the_merged_weight_in_float64(cfg):
-    """Reference: the original model called with W + (alpha/r) * B @ A (torch.func.functional_call), A and B leaves."""
-    torch.manual_seed(0)
-    base = tiny_model(dtype=torch.float64).train()
-    x, y = tiny_batch(6, dtype=torch.float64)
-    model = copy.deepcopy(base)
-    with et.apply_(model, cfg, x):
-        _randomise_b(model)
-        adapters = _adapters(model)
-        assert adapters
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(5)  # the same dropout mask in both
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        leaves = {f"{n}.{k}": getattr(m, k).detach().clone().requires_grad_(True) for n, m in adapters.items()
-                  for k in ("lora_A", "lora_B")}
-        ref_model = frozen_reference(base, model)  # frozen BatchNorms on running statistics, as LoRA runs them
-        params = {n: p.detach().clone().requires_grad_(n in got) for n, p in ref_model.named_parameters()}
-        for n, m in adapters.items():
-            a, b = leaves[f"{n}.lora_A"], leaves[f"{n}.lora_B"]
-            params[f"{n}.weight"] = base.get_submodule(n).weight.detach() + cfg.scale * (
-                b.flatten(1) @ a.flatten(1)).view_as(m.weight)
-        torch.manual_seed(5)
-        ref_loss = nn.functional.cross_entropy(functional_call(ref_model, {**params, **dict(ref_model.named_buffers())},
-                                                               (x,)), y)
-        wrt = {**leaves, **{n: params[n] for n in got if n in params}}
-        grads = dict(zip(wrt, torch.autograd.grad(ref_loss, list(wrt.values()))))
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-    assert set(got) == set(wrt)  # the adapters (and the classifier when asked), nothing else
-    for n in got:
-        torch.testing.assert_close(got[n], grads[n], rtol=1e-10, atol=1e-12, msg=n)
-    assert cfg.classifier == any(n.startswith("classifier.") for n in got)
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_merge_equals_the_adapted_model_and_leaves_no_adapter(dtype, tol):
-    torch.manual_seed(0)
-    model = tiny_model(dtype=dtype).eval()
-    x, _ = tiny_batch(4, dtype=dtype)
-    applied = et.apply_(model, LoRA(rank=2), x)
-    _randomise_b(model)
-    with torch.no_grad():
-        adapted = model(x)
-    n = len(_adapters(model))
-    assert merge(model) == n > 0
-    applied.remove()
-    assert not _adapters(model) and not any("lora" in k for k in model.state_dict())
-    with torch.no_grad():
-        merged = model(x)
-    assert (merged - adapted).abs().max() <= tol * adapted.abs().max()
 
 
 def test_delta_of_a_conv_is_the_composed_kernel():

@@ -12,7 +12,7 @@ Acts on the op: each call of a target's ``linear``/``conv2d`` with its weight co
 frozen no-save ops, so the frozen weight's gradient is never formed and its input is not kept for it) plus the
 adapter branch on the same input. What is saved for backward is the adapter's own need: the layer's input for
 ``A``'s gradient (after dropout, when ``dropout > 0``) and ``A``'s ``rank``-channel output for ``B``'s.
-:func:`merge` folds the adapters into the weights, ``W + (alpha / rank) * B @ A`` (for convolutions the composition of
+:func:`merge` (shared with KronA, :mod:`edgetrain.techniques._adapter`) folds the adapters into the weights, ``W + (alpha / rank) * B @ A`` (for convolutions the composition of
 the two kernels), so the deployed model has no extra layer; merged outputs equal unmerged ones to float rounding
 (tests/techniques/test_lora.py). Grouped and depthwise convolutions are refused (their update is not a product of two
 small kernels in this form).
@@ -27,16 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetrain.apply import Undo, set_requires_grad, under
-from edgetrain.errors import ConfigError
-from edgetrain.ops import Call, intercept
+from edgetrain.ops import Undo
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
-from edgetrain.techniques._frozen import conv_args, explicit_padding, freeze_ops
-from edgetrain.techniques.freeze import head
+from edgetrain.techniques._adapter import KINDS, Adapter, Conv, default_targets, install, merge
 
-KINDS = frozenset({"linear", "conv2d"})
+__all__ = ["LoRA", "delta", "merge"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,85 +76,32 @@ def _shapes(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ..
     return (rank, *w.shape[1:]), (w.shape[0], rank, 1, 1)
 
 
+def _delta(layer: nn.Module) -> Tensor:
+    """``B @ A`` in the weight's shape (for a conv: B's 1x1 kernel composed with A's kernel)."""
+    return (layer.lora_B.flatten(1) @ layer.lora_A.flatten(1)).view_as(layer.weight)
+
+
 def delta(layer: nn.Module, scale: float) -> Tensor:
-    """``scale * B @ A`` in the weight's shape (for a conv: B's 1x1 kernel composed with A's kernel)."""
-    a, b = layer.lora_A, layer.lora_B
-    return scale * (b.flatten(1) @ a.flatten(1)).view_as(layer.weight)
+    """``scale * B @ A`` in the weight's shape."""
+    return scale * _delta(layer)
 
 
-def merge(model: nn.Module) -> int:
-    """Fold every LoRA adapter of ``model`` into its layer's weight and drop the adapter; returns how many. Remove
-    the handle afterwards (``applied.remove()``): the merged weights stay, the adapters' ops go."""
-    n = 0
-    for layer in model.modules():
-        if "lora_A" in layer._parameters:
-            with torch.no_grad():
-                layer.weight.add_(delta(layer, layer.lora_scale).to(layer.weight.dtype))
-            del layer.lora_A, layer.lora_B, layer.lora_scale
-            n += 1
-    return n
-
-
-def _handler(adapted: dict[int, tuple[nn.Module, LoRA]]):  # noqa: ANN202
-    def handle(call: Call):  # noqa: ANN202
-        w = call.arg(1, "weight")
-        hit = adapted.get(id(w))
-        if hit is None or "lora_A" not in hit[0]._parameters:  # not a target, or merged
-            return NotImplemented
-        layer, cfg = hit
-        base = call.proceed()  # the frozen op (later handlers: the no-save frozen conv/linear)
-        x = call.args[0]
-        if cfg.dropout:
-            x = F.dropout(x, cfg.dropout, layer.training)
-        if call.name == "linear":
-            low = F.linear(F.linear(x, layer.lora_A), layer.lora_B)  # (..., r) -> (..., out)
-        else:
-            _, _, _, stride, padding, dilation, _ = conv_args(call)
-            x, padding = explicit_padding(x, w, padding, dilation)
-            low = F.conv2d(F.conv2d(x, layer.lora_A, None, stride, padding, dilation), layer.lora_B)  # (N, r, H', W')
-        return torch.add(base, low, alpha=cfg.scale)  # the scale as a scalar: autograd keeps no tensor for it
-
-    return handle
+def _branch(layer: nn.Module, x: Tensor, conv: Conv | None) -> Tensor:
+    if conv is None:
+        return F.linear(F.linear(x, layer.lora_A), layer.lora_B)  # (..., r) -> (..., out)
+    low = F.conv2d(x, layer.lora_A, None, conv.stride, conv.padding, conv.dilation)  # (N, r, H', W')
+    return F.conv2d(low, layer.lora_B)
 
 
 def _apply(model: nn.Module, cfg: LoRA, targets: list[str], structure: Structure) -> Undo:
-    modules = dict(model.named_modules())
-    roots = head(structure, "LoRA.classifier") if cfg.classifier else []
-    names = [n for n in targets if not under(n, roots)]
-    grouped = [n for n in names if structure.layers[n].kind == "conv2d" and getattr(modules[n], "groups", 1) != 1]
-    if grouped and cfg.targets is not None:
-        raise ConfigError(f"LoRA: {grouped[0]} is a grouped convolution ({modules[grouped[0]].groups} groups); "
-                          "adapters need a dense weight (name other targets)")
-    names = [n for n in names if n not in grouped]
-    bad = [n for n in names if getattr(modules[n], "weight", None) is None or modules[n].weight.dim() not in (2, 4)]
-    if bad:
-        raise ConfigError(f"LoRA: {bad[0]} has no 2-d (linear) or 4-d (conv2d) weight to adapt")
-    undo = Undo()
-    params = dict(model.named_parameters())
-    keep = {id(p) for n, p in params.items() if under(n.rpartition(".")[0], roots)}
-    set_requires_grad([p for p in model.parameters() if id(p) not in keep], False, undo)
-    adapted: dict[int, tuple[nn.Module, LoRA]] = {}
-    for name in names:
-        layer = modules[name]
+    def make(name: str, layer: nn.Module) -> tuple[dict[str, Tensor], Adapter]:
         a_shape, b_shape = _shapes(layer, cfg.rank)
         a = torch.empty(a_shape, dtype=layer.weight.dtype, device=layer.weight.device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        layer.register_parameter("lora_A", nn.Parameter(a))
-        layer.register_parameter("lora_B", nn.Parameter(torch.zeros(b_shape, dtype=a.dtype, device=a.device)))
-        layer.lora_scale = cfg.scale
-        adapted[id(layer.weight)] = (layer, cfg)
-        undo.changes += 1
+        b = torch.zeros(b_shape, dtype=a.dtype, device=a.device)
+        return {"lora_A": a, "lora_B": b}, Adapter(("lora_A", "lora_B"), cfg.scale, cfg.dropout, _branch, _delta)
 
-        def drop(layer: nn.Module = layer) -> None:
-            for k in ("lora_A", "lora_B", "lora_scale"):
-                if hasattr(layer, k):
-                    delattr(layer, k)
-
-        undo.add(drop)
-    freeze_ops(model, lambda name: not under(name, roots), undo)
-    if adapted:
-        intercept(model, ("linear", "conv2d"), _handler(adapted), undo, first=True)
-    return undo
+    return install(model, "LoRA", cfg.classifier, cfg.targets is not None, targets, structure, make)
 
 
 register(
@@ -168,13 +112,14 @@ register(
         paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022, arXiv:2106.09685",
         reduces=frozenset({"grads", "optimizer"}),
         layer_kinds=KINDS,
-        default_targets=lambda model, structure: [n for n in structure.layers_of(KINDS) if n != structure.classifier],
+        default_targets=default_targets,
         looks_for="linear or dense conv2d layers",
         limits="grouped/depthwise convs are skipped (refused when named); weights read inside "
                "nn.MultiheadAttention or transformers' Conv1D (addmm) are not reached",
         # Freeze-like techniques choose another trainable set; int8_frozen would quantise the adapted weights under
         # handler ordering not tested yet
-        conflicts=frozenset({"freeze", "bias_only", "sparse_update", "mobiletl", "int8_frozen"}),
+        conflicts=frozenset({"freeze", "bias_only", "sparse_update", "mobiletl", "int8_frozen", "krona",
+                             "krona_block"}),
         # exact, but the adapters are new parameters the generic reference cannot name:
         # tests/techniques/test_lora.py checks every gradient against plain PyTorch in float64
         exact=False,

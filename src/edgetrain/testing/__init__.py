@@ -98,3 +98,53 @@ def model_state(model: nn.Module) -> dict[str, object]:
         "patched": sorted(n for n, m in model.named_modules() if "forward" in m.__dict__),
         "training": {n: m.training for n, m in model.named_modules()},
     }
+
+
+def kron_block_reference(ref: nn.Module, applied: nn.Module) -> None:
+    """Give ``ref`` (a plain copy of the model ``applied`` came from) the KronA^B branches of ``applied``'s blocks,
+    computed by forming ``kron(A, B)``: the adapters become parameters of ``ref``'s blocks with the same names and
+    values, and a forward hook adds ``s * x @ kron(A, B)^T (+ lambda x)`` on the features to the block's output."""
+    from torch.utils._pytree import tree_flatten
+
+    from edgetrain.techniques.krona_block import BLOCKS
+
+    for name, block in applied.named_modules():
+        if block not in BLOCKS:
+            continue
+        scale, dim = BLOCKS[block]
+        target = ref.get_submodule(name)
+        for k in ("krona_A", "krona_B", "krona_lambda"):
+            if k in block._parameters:
+                target.register_parameter(k, nn.Parameter(getattr(block, k).detach().clone()))
+
+        def hook(m: nn.Module, args, kwargs, out, scale=scale, dim=dim):  # noqa: ANN001, ANN202
+            x = next(t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor))
+            k = torch.kron(m.krona_A, m.krona_B)
+            extra = scale * (x.movedim(dim, -1) @ k.T).movedim(-1, dim)
+            if "krona_lambda" in m._parameters:
+                extra = extra + m.krona_lambda * x
+            return (out[0] + extra, *out[1:]) if isinstance(out, tuple) else out + extra
+
+        target.register_forward_hook(hook, with_kwargs=True)
+
+
+def lite_residual_reference(ref: nn.Module, applied: nn.Module) -> None:
+    """Give ``ref`` (a plain copy of the model ``applied`` came from) independent copies of ``applied``'s TinyTL
+    branches in the authors' form: each block's output plus ``interpolate(lite(x))`` (always resized, bilinear),
+    the copy's parameters registered on ``ref``'s block under the technique's names (``lite_residual_<path>``)."""
+    from edgetrain.techniques.lite_residual import ATTR, BRANCHES
+
+    for name, block in applied.named_modules():
+        if block not in BRANCHES:
+            continue
+        lite = copy.deepcopy(BRANCHES[block][0])
+        target = ref.get_submodule(name)
+        for path, p in lite.named_parameters():
+            target.register_parameter(f"{ATTR}_{path.replace('.', '_')}", p)
+
+        def hook(m: nn.Module, args, out, lite=lite, block=block):  # noqa: ANN001, ANN202
+            lite.train(block.training)  # as the applied block runs it (ref's frozen BatchNorms are put in eval mode)
+            return out + torch.nn.functional.interpolate(lite(args[0]), size=out.shape[2:], mode="bilinear",
+                                                         align_corners=False)
+
+        target.register_forward_hook(hook)

@@ -195,8 +195,8 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
     where the config names layers). Every registered technique must have one (the zoo test checks)."""
     from edgetrain.recipe import Recipe
     from edgetrain.techniques import (ActNN, ApproxMultiply, BiasOnly, BNNEdge, Checkpoint, Comet, Freeze,
-                                      FrozenChunks, FrozenInference, GradientFilter, Int8, Int8Frozen, LoRA, MobileTL,
-                                      SparseUpdate)
+                                      FrozenChunks, FrozenInference, GradientFilter, Int8, Int8Frozen, KronA,
+                                      KronABlock, LiteResidual, LoRA, MobileTL, SparseUpdate)
     from edgetrain.techniques.sparse_update import layers
 
     trained = layers(structure)
@@ -218,6 +218,9 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         "int8_frozen": Recipe([Freeze(last_k_blocks=2), Int8Frozen()], name="int8_frozen"),
         "frozen_chunks": Recipe([Freeze(last_k_blocks=2), FrozenChunks(chunks=2)], name="frozen_chunks"),
         "lora": LoRA(rank=2),
+        "krona": KronA(),
+        "krona_block": KronABlock(),
+        "lite_residual": LiteResidual(),
         "patch_execute": __import__("edgetrain.techniques", fromlist=["PatchExecute"]).PatchExecute(blocks=2),
     }
 
@@ -247,6 +250,22 @@ def _as_reference(model: nn.Module, grads: dict[str, Tensor]) -> dict[str, Tenso
     return out
 
 
+class _Proxy:
+    """Stands in for an adapted layer in ``Adapter.delta``: its weight's shape and the given parameter values."""
+
+    def __init__(self, weight: Tensor, values: dict[str, Tensor]) -> None:
+        self.weight = weight.detach().double()
+        self.__dict__.update(values)
+
+
+def _adapter_of(model: nn.Module, name: str) -> Any:
+    from edgetrain.techniques._adapter import ADAPTERS
+
+    owner, _, leaf = name.rpartition(".")
+    ad = ADAPTERS.get(model.get_submodule(owner)) if owner else None
+    return ad if ad is not None and leaf in ad.params else None
+
+
 def _compare(model: nn.Module, got: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, float]:
     """(relative L2 error, cosine) of all trained gradients as one vector against the reference's."""
     a, b = [], []
@@ -255,11 +274,15 @@ def _compare(model: nn.Module, got: dict[str, Tensor], ref: dict[str, Tensor]) -
             layer = model.get_submodule(name.rpartition(".")[0])
             dim = 1 if g.shape[1] != layer.weight.shape[1] or layer.weight.shape[1] != 1 else 0
             r = ref[name.replace("weight_part", "weight")].index_select(dim, layer.weight_keep)
-        elif name.endswith((".lora_A", ".lora_B")):  # W + s * B @ A: dL/dB = s * dL/dW @ A^T, dL/dA = s * B^T @ dL/dW
+        elif (ad := _adapter_of(model, name)) is not None:  # W + s * delta(theta): chain rule through delta
             layer = model.get_submodule(name.rpartition(".")[0])
-            gw = ref[f"{name.rpartition('.')[0]}.weight"].flatten(1).double()
-            a_, b_ = layer.lora_A.detach().flatten(1).double(), layer.lora_B.detach().flatten(1).double()
-            r = layer.lora_scale * (gw @ a_.T if name.endswith("B") else b_.T @ gw)
+            theta = getattr(layer, name.rpartition(".")[2]).detach().double().requires_grad_(True)
+            with torch.no_grad():
+                values = {k: getattr(layer, k).detach().double() for k in ad.params}
+            values[name.rpartition(".")[2]] = theta
+            proxy = _Proxy(layer.weight, values)
+            gw = ref[f"{name.rpartition('.')[0]}.weight"].double()
+            (r,) = torch.autograd.grad(ad.delta(proxy), theta, grad_outputs=ad.scale * gw)
         else:
             r = ref[name]
         a.append(g.flatten().double())
@@ -288,7 +311,7 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
     from edgetrain.inputs import call_model, tensors
     from edgetrain.measure import SavedTensorMeter, default_loss
     from edgetrain.registry import get
-    from edgetrain.testing import frozen_reference
+    from edgetrain.testing import frozen_reference, kron_block_reference, lite_residual_reference
 
     original = model if model is not None else entry.build()
     inputs, target = entry.batch(batch_size)
@@ -315,9 +338,11 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
     del out
     _, got = _grads(work, inputs, target)
     ref_model = frozen_reference(original, work)
+    kron_block_reference(ref_model, work)  # KronA^B's branches, with the Kronecker matrix formed
+    lite_residual_reference(ref_model, work)  # TinyTL's branches as plain modules
     trained = dict(work.named_parameters())
     for n, p in ref_model.named_parameters():  # a partial-weight or adapted layer's reference trains the whole weight
-        if n.endswith(".weight") and any(f"{n.rpartition('.')[0]}.{k}" in trained for k in ("weight_part", "lora_A")):
+        if n.endswith(".weight") and any(f"{n.rpartition('.')[0]}.{k}" in trained for k in ("weight_part", "lora_A", "krona_A")):
             p.requires_grad_(True)
     _, ref = _grads(ref_model, inputs, target)
     row["grad_error"], row["grad_cosine"] = _compare(work, _as_reference(work, got), ref)
