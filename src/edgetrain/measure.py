@@ -293,8 +293,8 @@ def measure(model: nn.Module, batch: Any,
         batch: ``(inputs, target)`` or ``inputs``; inputs are a tensor (``model(x)``), a tuple (``model(*x)``) or a
             dict (``model(**x)``). Tensors that are views into a larger storage (a batch sliced from a dataset)
             are copied first, so the counts see the batch, not the dataset.
-        loss_fn: ``loss_fn(output, target)``; default: the output's own ``loss``, else cross-entropy of its
-            logits.
+        loss_fn: ``loss_fn(output, target)``; default: the model's ``training_loss`` (a training mode's loss,
+            :mod:`edgetrain.distill`), else the output's own ``loss``, else cross-entropy of its logits.
         optimizer: default SGD (lr 0.01, momentum 0.9) over the parameters that require grad.
         recipe: applied with :func:`edgetrain.apply_` before measuring and removed afterwards; its ``execution``
             (micro-batches, the fused optimizer step) is how the measured steps run.
@@ -329,7 +329,7 @@ def measure(model: nn.Module, batch: Any,
         raise ConfigError(f"measure: {type(model).__name__} has no parameter that requires grad: nothing to train")
     if optimizer is None:
         optimizer = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
-    loss_fn = loss_fn or default_loss
+    loss_fn = loss_fn or getattr(model, "training_loss", None) or default_loss  # a training mode's own loss
     x, y = (own_storage(part) for part in split_batch(batch))
     parts = list(slices(x, y, micro))
 

@@ -272,8 +272,10 @@ def _step(job: _Job, x: Tensor, y: Tensor, step: int) -> tuple[float, float]:
     for g in optimizer.param_groups:  # before the backward: a fused step updates in it
         g["lr"] = lr
 
+    own = getattr(model, "training_loss", None)  # a training mode's loss (edgetrain.distill)
+
     def loss_fn(out: Tensor, target: Tensor) -> Tensor:
-        loss = F.cross_entropy(out, target)
+        loss = own(out, target) if own is not None else F.cross_entropy(out, target)
         if not torch.isfinite(loss):
             raise diverged(f"loss is {loss.item()}", step + 1, lr, run)
         return loss
