@@ -238,9 +238,9 @@ def test_unknown_source_split_and_options(tmp_path):
         load_data("fashion_mnist")
     with raises_one_line(DataError, "unknown split 'val'"):
         load_data("digits", "val")
-    (tmp_path / "a.csv").write_text("1,2")
-    with raises_one_line(DataError, tmp_path / "a.csv", "unsupported data file"):
-        load_data(tmp_path / "a.csv")
+    (tmp_path / "a.txt").write_text("1,2")
+    with raises_one_line(DataError, tmp_path / "a.txt", "unsupported data file"):
+        load_data(tmp_path / "a.txt")
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((1, 2, 2)), gz=False)
     with raises_one_line(DataError, "an IDX file; pass the directory"):
         load_data(tmp_path / "train-images-idx3-ubyte")

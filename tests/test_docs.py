@@ -56,7 +56,7 @@ KNOWN_BROKEN: dict[str, str] = {}
 #: blocks that take minutes even on the tiny workload (run with `make test-slow`)
 SLOW = {"benchmarks/gradient_filter/speed.py", "benchmarks/zoo/run.py", "benchmarks/plan/t1_budgets.py",
         "benchmarks/compress/t1_compress.yaml", "benchmarks/plan/int8_plans.py",
-        "benchmarks/gradient_filter/t1_gf.yaml"}
+        "benchmarks/gradient_filter/t1_gf.yaml", "benchmarks/adapters/peft_compare.py", "benchmarks/distill/bdkd.py"}
 #: commands the docs show failing on purpose: (exit status, a fragment of the one-line error)
 EXPECTED_ERRORS = {"edgetrain plan --budget 2KB": (2, "is infeasible: the smallest"),
                    "edgetrain plan --device mcu": (2, "is infeasible: the smallest"),

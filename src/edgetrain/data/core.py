@@ -82,8 +82,14 @@ class Transform:
         return self.channels if self.channels is not None else in_channels
 
     def __call__(self, raw: Tensor) -> Tensor:
-        """Transform a raw batch (B, C0, H0, W0) (uint8 or float32) to float32 (B, C, H, W)."""
+        """Transform a raw batch (B, C0, H0, W0) (uint8 or float32) to float32 (B, C, H, W). Other samples (a
+        table's (B, F), a series' (B, C, T)) are only normalised, per feature or channel (dimension 1)."""
         x = to_unit(raw)  # (B, C0, H0, W0) float32 in [0, 1]
+        if x.ndim != 4:
+            if self.mean is not None and self.std is not None:
+                shape = (1, -1, *(1,) * (x.ndim - 2))
+                x = x.sub(torch.tensor(self.mean).view(shape)).div_(torch.tensor(self.std).view(shape))
+            return x.contiguous()
         if self.channels == 1 and x.shape[1] != 1:
             x = x.mean(1, keepdim=True)  # (B, 1, H0, W0)
         if self.image_size is not None:
@@ -117,9 +123,10 @@ def channel_stats(images: Tensor, channels: int | None = None) -> tuple[tuple[fl
         x = to_unit(images[i:i + chunk])  # (b, C0, H, W)
         if gray:
             x = x.mean(1, keepdim=True)  # (b, 1, H, W)
-        total += x.sum((0, 2, 3), dtype=torch.float64)
-        squares += (x * x).sum((0, 2, 3), dtype=torch.float64)
-    n = images.shape[0] * images.shape[2] * images.shape[3]
+        dims = (0, *range(2, x.ndim))  # all but the channels (a table's features, a series' channels)
+        total += x.sum(dims, dtype=torch.float64)
+        squares += (x * x).sum(dims, dtype=torch.float64)
+    n = images.numel() // c0
     mean = total / n
     std = (squares / n - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)  # a constant channel keeps std > 0
     if channels == 3 and c0 == 1:
@@ -146,9 +153,9 @@ class ImageData:
     transform: Transform = dataclasses.field(default_factory=Transform)
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.dtype not in (torch.uint8, torch.float32):
-            raise DataError(f"{self.name}: images must be a uint8 or float32 (N, C, H, W) tensor, "
-                            f"got {self.images.dtype} of shape {tuple(self.images.shape)}")
+        if self.images.ndim not in (2, 3, 4) or self.images.dtype not in (torch.uint8, torch.float32):
+            raise DataError(f"{self.name}: samples must be a uint8 or float32 (N, C, H, W) image, (N, C, T) series "
+                            f"or (N, F) table tensor, got {self.images.dtype} of shape {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.images),):
             raise DataError(f"{self.name}: labels must be an int64 tensor of shape ({len(self.images)},), "
                             f"got {self.labels.dtype} of shape {tuple(self.labels.shape)}")
@@ -159,6 +166,9 @@ class ImageData:
 
     def _check_transform(self, t: Transform) -> None:
         c0 = self.images.shape[1]
+        if self.images.ndim != 4 and (t.image_size is not None or t.channels is not None):
+            raise DataError(f"{self.name}: samples of shape {tuple(self.images.shape[1:])} are not images; "
+                            "image_size and channels apply to images only")
         if t.channels == 3 and c0 not in (1, 3):
             raise DataError(f"{self.name}: cannot turn {c0}-channel images into 3 channels")
         c = t.out_channels(c0)

@@ -13,6 +13,7 @@ import torch
 from edgetrain import smoke
 from edgetrain.data.core import ImageData, Transform, channel_stats
 from edgetrain.data.files import SPLITS, load_image_folder, load_npz
+from edgetrain.data.signals import WAV_SUFFIXES, load_table, load_wav_folder, load_windows
 from edgetrain.data.idx import DIGIT_CLASSES, find_fashion_mnist, has_idx_files, load_fashion_mnist, load_idx_dir, \
     load_mnist
 from edgetrain.errors import ConfigError, DataError
@@ -22,7 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_MAX = 16.0  # sklearn load_digits: each pixel is an integer in 0..16 (UCI Optical Recognition of Digits)
 DIGITS_TEST_FRACTION, DIGITS_SEED = 0.2, 0  # our fixed split: stratified 80/20 with seed 0 -> 1,437 / 360
-NORMALIZE = ("imagenet", "dataset", "none")
+NORMALIZE = ("auto", "imagenet", "dataset", "none")
 
 
 def load_digits_split(split: str) -> ImageData:
@@ -58,20 +59,36 @@ def default_source() -> str:
     return "fashion-mnist" if find_fashion_mnist() is not None else "digits"
 
 
-def _load_raw(source: str | Path, split: str, limit: int | None = None) -> ImageData:
+def _has_wav(root: Path) -> bool:
+    """A folder of class subfolders of WAV files (or its train/ subfolder is)."""
+    base = root / "train" if (root / "train").is_dir() else root
+    return any(f.suffix.lower() in WAV_SUFFIXES for d in base.iterdir() if d.is_dir() for f in d.iterdir())
+
+
+def _load_raw(source: str | Path, split: str, limit: int | None = None, label: str = "label",
+              audio: dict | None = None) -> ImageData:
     """The split; IDX sources read only ``limit`` samples (the others are cut by the caller)."""
     if isinstance(source, str) and source in NAMED:
         return NAMED[source](split, limit) if source in IDX_NAMED else NAMED[source](split)
     path = Path(source)
     if path.is_dir():
-        return load_idx_dir(path, split, limit=limit) if has_idx_files(path) else load_image_folder(path, split)
+        if has_idx_files(path):
+            return load_idx_dir(path, split, limit=limit)
+        if _has_wav(path):
+            return load_wav_folder(path, split, **(audio or {}))
+        return load_image_folder(path, split)
     if path.is_file():
-        if path.suffix.lower() == ".npz":
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
             return load_npz(path, split)
+        if suffix in (".csv", ".parquet"):
+            return load_table(path, split, label)
+        if suffix == ".npy":
+            return load_windows(path, split)
         if "-ubyte" in path.name:
             raise DataError(f"{path}: an IDX file; pass the directory holding the four IDX files instead")
-        raise DataError(f"{path}: unsupported data file (expected a .npz file, a directory of IDX files or an "
-                        f"ImageFolder directory)")
+        raise DataError(f"{path}: unsupported data file (expected .npz, .csv, .parquet or .npy, a directory of "
+                        f"IDX files, an ImageFolder or a folder of WAV files)")
     raise DataError(f"unknown data source {str(source)!r}: neither a dataset name ({', '.join(NAMED)}) nor an "
                     f"existing file or directory")
 
@@ -105,7 +122,8 @@ def _normalisation(data: ImageData, normalize: str, channels: int | None
 
 
 def load_data(source: str | Path | None = None, split: str = "train", *, image_size: int | None = None,
-              channels: int | None = None, normalize: str = "imagenet", limit: int | None = None) -> ImageData:
+              channels: int | None = None, normalize: str = "auto", limit: int | None = None, label: str = "label",
+              sample_rate: int = 16000, seconds: float = 1.0) -> ImageData:
     """Load one split of a dataset, with a per-batch transform to the model's input.
 
     Sources (a name wins over a same-named directory; write ``./digits`` for the directory):
@@ -121,17 +139,24 @@ def load_data(source: str | Path | None = None, split: str = "train", *, image_s
       directory for either split).
     * an ``.npz`` file: ``x``/``images`` and ``y``/``labels`` arrays (optional ``classes``); see
       :func:`edgetrain.data.files.load_npz`.
+    * a ``.csv`` or ``.parquet`` table of numeric features with a ``label`` column; a folder of WAV files (one
+      subfolder per class) resampled to ``sample_rate`` and framed to ``seconds``; a ``.npy`` array of sensor
+      windows (N, C, T) with ``<stem>_labels.npy``: :mod:`edgetrain.data.signals`. Their samples are (N, F) or
+      (N, C, T); ``image_size`` and ``channels`` apply to images only.
 
     Args:
         source: dataset name, directory or ``.npz`` path.
         split: ``"train"`` or ``"test"``.
         image_size: resize to ``image_size`` x ``image_size`` per batch; ``None`` keeps the source size.
         channels: 1 (grayscale) or 3 (gray replicated); ``None`` keeps the source channels.
-        normalize: ``"imagenet"`` (mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225); their means for
+        normalize: ``"auto"`` (``"imagenet"`` for images, ``"dataset"`` for tables and series), ``"imagenet"``
+            (mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225); their means for
             one channel), ``"dataset"`` (this split's own per-channel mean/std, after the channel
             conversion) or ``"none"`` (inputs in [0, 1]).
         limit: keep only the first ``limit`` samples in file order (no shuffle; a copy, so the rest
             is freed).
+        label: a table's label column.
+        sample_rate, seconds: a WAV folder's clips are resampled to ``sample_rate`` Hz and framed to ``seconds``.
 
     Raises:
         DataError: the data is missing or malformed, or the split or source is unknown.
@@ -139,11 +164,14 @@ def load_data(source: str | Path | None = None, split: str = "train", *, image_s
     """
     _check_options(split, image_size, channels, normalize, limit)
     limit = smoke.cap(limit, smoke.SAMPLES)  # EDGETRAIN_SMOKE: a few samples (edgetrain.smoke)
-    data = _load_raw(default_source() if source is None else source, split, limit)
+    data = _load_raw(default_source() if source is None else source, split, limit, label,
+                     {"sample_rate": sample_rate, "seconds": seconds})
+    if normalize == "auto":
+        normalize = "imagenet" if data.images.ndim == 4 else "dataset"
     if limit is not None and limit < len(data):
         data = dataclasses.replace(data, images=data.images[:limit].clone(), labels=data.labels[:limit].clone(),
                                    name=f"{data.name}[:{limit}]")
-    if channels == 3 and data.images.shape[1] not in (1, 3):
+    if channels == 3 and data.images.ndim == 4 and data.images.shape[1] not in (1, 3):
         raise DataError(f"{data.name}: cannot turn {data.images.shape[1]}-channel images into 3 channels")
     mean, std = _normalisation(data, normalize, channels)
     return data.with_transform(Transform(image_size, channels, mean, std))
