@@ -138,3 +138,27 @@ def test_malformed_audio_windows_and_image_options_are_one_line(tmp_path):
         with pytest.raises(DataError, match=match) as e:
             load_data(*args, "train", **kw)
         assert "\n" not in str(e.value)
+
+
+def test_review_findings_splits_share_classes_and_statistics_and_a_workload_loads_a_table(tmp_path):
+    """WAV classes missing from one split keep their index; a table's test split uses the training statistics; a
+    BOM'd CSV reads; too few rows to split is one line; a Workload (train, bench, CLI) takes a table."""
+    t = np.arange(800) / 8000
+    for cls in ("cat", "dog", "eel"):
+        _wav(tmp_path / "snd" / "train" / cls / "0.wav", np.sin(2 * np.pi * 300 * t), 8000)
+    for cls in ("cat", "eel"):
+        _wav(tmp_path / "snd" / "test" / cls / "0.wav", np.sin(2 * np.pi * 300 * t), 8000)
+    te = load_data(tmp_path / "snd", "test", sample_rate=8000, seconds=0.1)
+    assert te.classes == ["cat", "dog", "eel"] and te.labels.tolist() == [0, 2]
+    p = _table(tmp_path)
+    assert load_data(p, "test").transform.mean == load_data(p, "train").transform.mean
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    assert torch.equal(load_data(bom, "train").images, load_data(p, "train").images)
+    few = tmp_path / "few.csv"
+    few.write_text("a,label\n" + "".join(f"{i},{i}\n" for i in range(10)) * 2)
+    with pytest.raises(DataError, match="cannot make the 80/20 stratified split") as e:
+        load_data(few, "train")
+    assert "\n" not in str(e.value)
+    wl = et.Workload(model="small_cnn", data=str(p))
+    assert len(wl.load_data("train")) == 48 and wl.load_data("test").transform.mean == load_data(p).transform.mean

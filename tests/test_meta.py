@@ -111,3 +111,18 @@ def test_a_short_meta_training_runs_and_evaluation_reports_a_confidence_interval
     assert len(losses) == 3 and all(l == l for l in losses)
     r = learner.evaluate(test_ep, n=20)
     assert 0 <= r["accuracy"] <= 1 and r["ci95"] > 0 and r["episodes"] == 20
+
+
+def test_review_findings_running_statistics_frozen_parameters_no_bias_heads_and_zero_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3, bias=False)).double()
+    model[0].weight.requires_grad_(False)
+    stats = {k: v.clone() for k, v in model.named_buffers()}
+    task = _task()
+    for alg in ("maml", "fomaml", "anil"):
+        learner = MetaLearner(model, alg, inner_steps=2, inner_lr=0.5)
+        learner.meta_loss(*task).backward()  # a frozen parameter and a head without bias work
+        assert model[0].weight.grad is None
+        assert all(torch.equal(stats[k], v) for k, v in model.named_buffers())  # no task moves the statistics
+        same = learner.adapt(task[0], task[1], steps=0)
+        assert all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in same.items())  # no step taken

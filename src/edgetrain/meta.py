@@ -129,7 +129,7 @@ class MetaLearner:
         got: list[Tensor] = []
         handle = self.head.register_forward_pre_hook(lambda _m, args: got.append(args[0]))
         try:
-            self.model(x)
+            self.logits({}, x)  # the model's own parameters, its buffers copied
         finally:
             handle.remove()
         if len(got) != 1:
@@ -140,24 +140,30 @@ class MetaLearner:
         """The adapted parameters after the inner loop on ``(xs, ys)``. ``train=True`` keeps what the outer loop
         needs (second order for maml/anil); ``False`` (meta-test) keeps no graph beyond one step."""
         second = train and self.algorithm != "fomaml"
+        steps = self.inner_steps if steps is None else steps
+        if not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"meta-learning steps: must be an int >= 0, got {steps!r}")
         if self.algorithm == "anil":
             feats = self._features(xs) if train else self._features(xs).detach()
-            params = {"weight": self.head.weight, "bias": self.head.bias}
-            for _ in range(steps or self.inner_steps):
-                loss = F.cross_entropy(F.linear(feats, params["weight"], params["bias"]), ys)
+            params = {k: p for k, p in (("weight", self.head.weight), ("bias", self.head.bias)) if p is not None}
+            for _ in range(steps):
+                loss = F.cross_entropy(F.linear(feats, params["weight"], params.get("bias")), ys)
                 grads = torch.autograd.grad(loss, list(params.values()), create_graph=second)
                 params = {k: p - self.inner_lr * (g if second else g.detach()) for (k, p), g in zip(params.items(),
                                                                                                   grads)}
             return {f"{self.head_name}.{k}": v for k, v in params.items()}
-        params = dict(self.model.named_parameters())
-        for _ in range(steps or self.inner_steps):
-            loss = F.cross_entropy(functional_call(self.model, params, (xs,)), ys)
+        params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}  # frozen ones stay as they are
+        for _ in range(steps):
+            loss = F.cross_entropy(self.logits(params, xs), ys)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=second)
             params = {k: p - self.inner_lr * (g if second else g.detach()) for (k, p), g in zip(params.items(), grads)}
         return params
 
     def logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.model, params, (x,))
+        """The model's logits with ``params`` in place of its own; buffers are passed as copies, so BatchNorm
+        running statistics are never updated by a task (they would leak across tasks, spec §7.4)."""
+        buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+        return functional_call(self.model, {**params, **buffers}, (x,), strict=False)
 
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         """The query loss after adapting on the support set; ``backward()`` of it is the meta-gradient."""

@@ -86,10 +86,20 @@ class Workload:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def images(self) -> bool:
+        """Whether the data are images (else a table or series: image_size and channels do not apply)."""
+        from edgetrain.data.sources import is_signal
+
+        return not is_signal(self.data)
+
     def load_data(self, split: str):
         """The train or test split, resized and normalised for the model (subset applied)."""
         from edgetrain.data import load_data
 
+        if not self.images():  # a table or series (edgetrain.data.signals): no image options, training statistics
+            data = load_data(self.data, split)
+            n = self.train_subset if split == "train" else self.eval_subset
+            return data.subset(n, seed=self.seed) if n is not None and n < len(data) else data
         normalize = "imagenet" if self.pretrained else "dataset"
         data = load_data(self.data, split, image_size=self.image_size, channels=self.channels, normalize=normalize)
         if normalize == "dataset" and split != "train":  # evaluate with the training split's statistics

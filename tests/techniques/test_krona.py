@@ -164,3 +164,54 @@ def test_mobilenet_v2_saves_less_than_plain_with_far_fewer_trainable_parameters_
         m = et.measure(model, batch, recipe=cfg, repeats=0)
         assert m.saved_bytes < plain.saved_bytes and m.grad_bytes < plain.grad_bytes, cfg
     assert counts["krona"] < counts["lora"] / 2, counts
+
+
+def test_review_findings_twice_assign_inplace_inputs_and_output_containers():
+    """Adapting a layer twice is refused; load_state_dict(assign=True) keeps the adapters working; a block that
+    changes its input in place does not change the branch's input; named tuples and mappings keep their type."""
+    import collections
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(3, 6)
+    with et.apply_(model, KronA(classifier=False, targets=["0"]), x):
+        with pytest.raises(et.ConfigError, match="already has an adapter"):
+            et.apply_(model, KronA(classifier=False, targets=["0"]), x)
+        with torch.no_grad():
+            model[0].krona_A.normal_()
+            before = model(x)
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+            assert torch.equal(model(x), before)  # the handler finds the layer by its new weight
+
+    class Block(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind, self.act, self.fc = kind, nn.ReLU(inplace=True), nn.Linear(4, 4)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            y = self.fc(self.act(x))  # the input changed in place first
+            if self.kind == "named":
+                return collections.namedtuple("Out", "h extra")(y, 1)
+            return {"h": y, "n": 2} if self.kind == "dict" else y
+
+    class Net(nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.pre, self.block, self.head = nn.Linear(4, 4), Block(kind), nn.Linear(4, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            out = self.block(self.pre(x))
+            h = out.h if hasattr(out, "h") else out["h"] if isinstance(out, dict) else out
+            return self.head(h)
+
+    xb = torch.randn(5, 4)
+    for kind in ("plain", "named", "dict"):
+        net = Net(kind)
+        with et.apply_(net, KronABlock(residual=True, classifier=False, targets=["block"]), xb):
+            with torch.no_grad():
+                net.block.krona_lambda.fill_(0.5)
+                got = net(xb)
+                net.block.krona_lambda.zero_()
+                base_pre = net.pre(xb)
+                ref = net.head(net.block.fc(torch.relu(base_pre)) + 0.5 * base_pre)  # lambda * the unchanged input
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6, msg=kind)

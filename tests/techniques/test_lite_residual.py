@@ -99,3 +99,12 @@ def test_refusals_are_one_line():
     for bad in ({"kernel_size": 4}, {"downsample": 0}, {"expand": 0}, {"groups": 0}, {"bias": "yes"}):
         with pytest.raises(et.ConfigError):
             LiteResidual(**bad)
+
+
+def test_a_deepcopy_of_an_applied_model_fails_loudly_instead_of_dropping_the_branches():
+    x, _ = tiny_batch(4)
+    model = tiny_model()
+    with et.apply_(model, LiteResidual(), x):
+        clone = copy.deepcopy(model)
+        with pytest.raises(RuntimeError, match="apply the technique to the copy"):
+            clone(x)

@@ -33,7 +33,13 @@ def fixed_split(labels: np.ndarray, split: str, where: str) -> np.ndarray:
         raise DataError(f"{where}: {len(labels)} sample(s) cannot be split into train and test")
     counts = np.bincount(labels)
     strat = labels if counts[counts > 0].min() >= 2 else None
-    train, test = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION, random_state=SEED, stratify=strat)
+    try:
+        train, test = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION, random_state=SEED,
+                                       stratify=strat)
+    except ValueError as e:  # e.g. fewer test samples than classes
+        raise DataError(f"{where}: cannot make the 80/20 stratified split of {len(labels)} samples in "
+                        f"{int((counts > 0).sum())} classes ({str(e).splitlines()[0]}); give a split of your own "
+                        "(a 'split' column, train/ and test/ folders, <stem>_test.npy)") from None
     return np.sort(train if split == "train" else test)
 
 
@@ -64,7 +70,7 @@ def _table_rows(path: Path) -> tuple[list[str], list[list[str]]]:
         data = [table.column(c).to_pylist() for c in cols]
         return cols, [["" if v is None else str(v) for v in row] for row in zip(*data)]
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM (Excel's "CSV UTF-8") is not a column
             rows = list(csv.reader(f))
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a CSV text file (not UTF-8)") from None
@@ -169,8 +175,14 @@ def load_wav_folder(root: Path, split: str, sample_rate: int = 16000, seconds: f
                         f"{seconds!r}")
     has_split = (root / "train").is_dir() and (root / "test").is_dir()
     base = root / split if has_split else root
-    names = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [(c, f) for c in names for f in sorted((base / c).iterdir()) if f.suffix.lower() in WAV_SUFFIXES]
+
+    def dirs(d: Path) -> set[str]:
+        return {c.name for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")}
+
+    # the classes of both splits: a class missing from one split keeps its index in the other
+    names = sorted(dirs(root / "train") | dirs(root / "test")) if has_split else sorted(dirs(base))
+    files = [(c, f) for c in names if (base / c).is_dir() for f in sorted((base / c).iterdir())
+             if f.suffix.lower() in WAV_SUFFIXES]
     if not files:
         raise DataError(f"{base}: no WAV files in class subfolders (expected {base}/<class>/*.wav)")
     length = round(sample_rate * seconds)
@@ -209,6 +221,11 @@ def load_windows(path: Path, split: str) -> ImageData:
         raise DataError(f"{src}: window {int(np.argwhere(~np.isfinite(x))[0][0])} holds a non-finite value")
     index = np.arange(len(y)) if src == test or (split == "train" and test.exists()) else fixed_split(
         y, split, str(path))
-    classes = [str(i) for i in range(int(y.max()) + 1)]
+    other = Path(f"{test.with_suffix('')}_labels.npy") if src != test else labels_path.with_name(
+        f"{stem.name}_labels.npy")
+    top = int(y.max()) if len(y) else -1
+    if test.exists() and other.exists():  # both splits' labels: the same classes in either
+        top = max(top, int(_load_npy(other, "labels").max(initial=-1)))
+    classes = [str(i) for i in range(top + 1)]
     return ImageData(torch.from_numpy(np.ascontiguousarray(x[index])), torch.from_numpy(y[index].astype(np.int64)),
                      classes, f"{src}:{split}")

@@ -65,6 +65,16 @@ def _has_wav(root: Path) -> bool:
     return any(f.suffix.lower() in WAV_SUFFIXES for d in base.iterdir() if d.is_dir() for f in d.iterdir())
 
 
+def is_signal(source: str | Path | None) -> bool:
+    """Whether ``source`` is a table, a WAV folder or sensor windows (not images), from its name alone."""
+    if source is None or (isinstance(source, str) and source in NAMED):
+        return False
+    path = Path(source)
+    if path.is_file():
+        return path.suffix.lower() in (".csv", ".parquet", ".npy")
+    return path.is_dir() and not has_idx_files(path) and _has_wav(path)
+
+
 def _load_raw(source: str | Path, split: str, limit: int | None = None, label: str = "label",
               audio: dict | None = None) -> ImageData:
     """The split; IDX sources read only ``limit`` samples (the others are cut by the caller)."""
@@ -149,7 +159,8 @@ def load_data(source: str | Path | None = None, split: str = "train", *, image_s
         split: ``"train"`` or ``"test"``.
         image_size: resize to ``image_size`` x ``image_size`` per batch; ``None`` keeps the source size.
         channels: 1 (grayscale) or 3 (gray replicated); ``None`` keeps the source channels.
-        normalize: ``"auto"`` (``"imagenet"`` for images, ``"dataset"`` for tables and series), ``"imagenet"``
+        normalize: ``"auto"`` (``"imagenet"`` for images; for tables and series ``"dataset"`` with the training
+            split's statistics for either split), ``"imagenet"``
             (mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225); their means for
             one channel), ``"dataset"`` (this split's own per-channel mean/std, after the channel
             conversion) or ``"none"`` (inputs in [0, 1]).
@@ -168,6 +179,10 @@ def load_data(source: str | Path | None = None, split: str = "train", *, image_s
                      {"sample_rate": sample_rate, "seconds": seconds})
     if normalize == "auto":
         normalize = "imagenet" if data.images.ndim == 4 else "dataset"
+        if normalize == "dataset" and split == "test":  # a table's or series' test split: the training statistics
+            train = load_data(source, "train", normalize="dataset", limit=limit, label=label,
+                              sample_rate=sample_rate, seconds=seconds)
+            return data.with_transform(train.transform)
     if limit is not None and limit < len(data):
         data = dataclasses.replace(data, images=data.images[:limit].clone(), labels=data.labels[:limit].clone(),
                                    name=f"{data.name}[:{limit}]")

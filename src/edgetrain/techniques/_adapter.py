@@ -84,10 +84,11 @@ def merge(model: nn.Module) -> int:
     return n
 
 
-def _handler(adapted: dict[int, nn.Module]):  # noqa: ANN202
+def _handler(adapted: list[nn.Module]):  # noqa: ANN202
     def handle(call: Call):  # noqa: ANN202
         w = call.arg(1, "weight")
-        layer = adapted.get(id(w))
+        # the layer whose weight this is now (load_state_dict(assign=True) replaces the Parameter objects)
+        layer = next((m for m in adapted if m._parameters.get("weight") is w), None)
         ad = ADAPTERS.get(layer) if layer is not None else None
         if ad is None or ad.params[0] not in layer._parameters:  # not a target, or merged
             return NotImplemented
@@ -121,6 +122,10 @@ def install(model: nn.Module, who: str, classifier: bool, explicit: bool, target
     bad = [n for n in names if getattr(modules[n], "weight", None) is None or modules[n].weight.dim() not in (2, 4)]
     if bad:
         raise ConfigError(f"{who}: {bad[0]} has no 2-d (linear) or 4-d (conv2d) weight to adapt")
+    again = [n for n in names if modules[n] in ADAPTERS]
+    if again:
+        raise ConfigError(f"{who}: {again[0]} already has an adapter; remove the first technique (or merge it) "
+                          "before adapting it again")
     if not names:
         raise ConfigError(f"{who}: no layer of {structure.model} to adapt (targets {targets[:3]}: grouped convs and "
                           "the classifier get no adapter); name dense linear/conv2d layers with targets")
@@ -128,12 +133,12 @@ def install(model: nn.Module, who: str, classifier: bool, explicit: bool, target
     undo = Undo()
     keep = {id(p) for n, p in model.named_parameters() if under(n.rpartition(".")[0], roots)}
     set_requires_grad([p for p in model.parameters() if id(p) not in keep], False, undo)
-    adapted: dict[int, nn.Module] = {}
+    adapted: list[nn.Module] = []
     for layer, params, record in made:
         for k, v in params.items():
             layer.register_parameter(k, nn.Parameter(v))
         ADAPTERS[layer] = record
-        adapted[id(layer.weight)] = layer
+        adapted.append(layer)
         undo.changes += 1
 
         def drop(layer: nn.Module = layer, record: Adapter = record) -> None:

@@ -6,9 +6,10 @@ KronA^B_res adds a learnable scalar residual, ``+ lambda * x`` (the paper's best
 non-linear the update cannot be folded into any weight: :func:`edgetrain.techniques.krona.merge` refuses a model
 holding one, and the deployed model keeps the branch (its latency is an extra ``a*b``-sized product per token).
 
-Acts on the block's call (a forward hook, so the block's own forward runs unchanged): ``x`` is the first tensor the
-block is called with, the update is added to the first tensor it returns (a tuple's first element, as
-``transformers`` layers return). Features are the last dimension, or the channels of a 4-d (N, C, H, W) input; the
+Acts on the block's call (hooks, :mod:`edgetrain.techniques._branch`: the block's own forward runs unchanged): ``x``
+is the first tensor the block is called with, read before the block runs; the update is added to the first tensor it
+returns (a tuple's first element, as ``transformers`` layers return). Features are the last dimension, or the
+channels of a 4-d (N, C, H, W) input or of a 3-d one whose block starts with a conv1d; the
 block's output must keep the input's other dimensions (a block that changes the spatial size or sequence length is
 skipped by default and refused when named). Default targets: the model's blocks (``edgetrain inspect`` lists them).
 Init: ``A`` zero (the model computes what it did), ``B`` Kaiming-uniform; ``lambda`` starts at 0 [MEM in the spec:
@@ -24,7 +25,6 @@ import weakref
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from edgetrain.apply import set_requires_grad, under
 from edgetrain.errors import ConfigError
@@ -33,6 +33,7 @@ from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
 from edgetrain.techniques._adapter import UNMERGEABLE
+from edgetrain.techniques._branch import install as _branch_hooks
 from edgetrain.techniques._frozen import freeze_ops
 from edgetrain.techniques.freeze import head
 from edgetrain.techniques.krona import kron_apply, shapes
@@ -77,41 +78,28 @@ class KronABlock(Technique):
               f"must be true/false, got {self.classifier!r}")
 
 
-def _features(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> tuple[int, int, int] | str:
-    """``(dim, in, out)`` for a block mapping ``shape_in`` to ``shape_out``, or why it cannot carry the branch."""
+def _features(shape_in: tuple[int, ...], shape_out: tuple[int, ...], channels_first: bool = False
+              ) -> tuple[int, int, int] | str:
+    """``(dim, in, out)`` for a block mapping ``shape_in`` to ``shape_out``, or why it cannot carry the branch.
+    Features: the channels of (N, C, H, W), and of (N, C, T) when ``channels_first`` (the block's first weight op is
+    a conv1d); else the last dimension (a sequence's (N, L, D), a vector's (N, D))."""
     if len(shape_in) != len(shape_out) or len(shape_in) < 2:
         return f"maps a {len(shape_in)}-d input to a {len(shape_out)}-d output"
-    dim = 1 if len(shape_in) == 4 else len(shape_in) - 1
+    dim = 1 if len(shape_in) == 4 or (len(shape_in) == 3 and channels_first) else len(shape_in) - 1
     rest_in, rest_out = [s for i, s in enumerate(shape_in) if i != dim], [s for i, s in enumerate(shape_out) if i != dim]
     if rest_in != rest_out:
         return f"changes the shape around its features ({list(shape_in)} -> {list(shape_out)})"
     return dim, shape_in[dim], shape_out[dim]
 
 
-def _first_tensor(tree) -> Tensor | None:  # noqa: ANN001
-    return next((t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)), None)
-
-
-def _hook(cfg: KronABlock, block: nn.Module, dim: int, undo: Undo):  # noqa: ANN202
-    def post(module: nn.Module, args, kwargs, out):  # noqa: ANN001, ANN202
+def _branch(cfg: KronABlock, dim: int):  # noqa: ANN202
+    def branch(module: nn.Module, x: Tensor) -> Tensor | None:
         if "krona_A" not in module._parameters:
             return None
-        x = _first_tensor((args, kwargs))
-        y = out[0] if isinstance(out, (tuple, list)) else out
-        if x is None or not isinstance(y, Tensor):
-            raise RuntimeError(f"{WHO}: the block was called without a tensor or returned none")
-        extra = torch.mul(kron_apply(module.krona_A, module.krona_B, x, dim=dim), cfg.scale)
-        if cfg.residual:
-            extra = extra + module.krona_lambda * x
-        undo.hits += 1
-        y = y + extra
-        if isinstance(out, tuple):
-            return (y, *out[1:])
-        if isinstance(out, list):
-            return [y, *out[1:]]
-        return y
+        r = torch.mul(kron_apply(module.krona_A, module.krona_B, x, dim=dim), cfg.scale)
+        return r + module.krona_lambda * x if cfg.residual else r
 
-    return block.register_forward_hook(post, with_kwargs=True)
+    return branch
 
 
 def _apply(model: nn.Module, cfg: KronABlock, targets: list[str], structure: Structure) -> Undo:
@@ -123,8 +111,9 @@ def _apply(model: nn.Module, cfg: KronABlock, targets: list[str], structure: Str
         if under(name, roots) or any(under(name, [p]) for p, _ in plan):  # inside the classifier or a chosen block
             continue
         shape_in, shape_out = structure.io.get(name, (None, None))
-        why = "is not called in the traced forward" if not shape_in or not shape_out else _features(shape_in,
-                                                                                                     shape_out)
+        first = next((op.name for op in structure.ops if op.params and under(op.module, [name])), None)
+        why = "is not called in the traced forward" if not shape_in or not shape_out else _features(
+            shape_in, shape_out, first == "conv1d")
         if isinstance(why, str):
             if named:
                 raise ConfigError(f"{WHO}: {name or 'the model'} {why}; the branch needs the block's input and output "
@@ -155,11 +144,12 @@ def _apply(model: nn.Module, cfg: KronABlock, targets: list[str], structure: Str
             block.register_parameter("krona_lambda", nn.Parameter(torch.zeros((), **kw)))
         BLOCKS[block] = (cfg.scale, dim)
         UNMERGEABLE[block] = "carries a KronA^B branch beside a non-linear block (no weight can absorb it)"
-        handle = _hook(cfg, block, dim, undo)
+        handle = _branch_hooks(block, _branch(cfg, dim), lambda y, r: r, undo)
         undo.changes += 1
 
         def drop(block: nn.Module = block, handle=handle) -> None:  # noqa: ANN001
-            handle.remove()
+            for h in handle:
+                h.remove()
             for k in ("krona_A", "krona_B", "krona_lambda"):
                 if k in block._parameters:
                     delattr(block, k)

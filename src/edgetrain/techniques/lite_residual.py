@@ -14,7 +14,8 @@ groups (here the largest divisor of both widths not above ``groups``); kernel 5 
 pooled resolution, and a global pool with a 1x1 kernel where the pooled map would be 1x1; convs without bias; the
 last BN's weight initialised to zero, so the branch starts at zero and the model computes what it did.
 
-Acts on the block's call (a forward hook; the block's own forward runs unchanged). A block qualifies when it maps a
+Acts on the block's call (hooks, :mod:`edgetrain.techniques._branch`: the block's own forward runs unchanged; the
+branch reads the block's input before it runs). A block qualifies when it maps a
 4-d (N, C, H, W) tensor to a 4-d one whose size is the input's divided by an integer stride; others are skipped by
 default (the model's blocks, ``edgetrain inspect`` lists them) and refused when named.
 """
@@ -27,7 +28,6 @@ import weakref
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from edgetrain.apply import set_requires_grad, under
 from edgetrain.errors import ConfigError
@@ -35,6 +35,7 @@ from edgetrain.ops import Undo
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import Structure
 from edgetrain.technique import Technique, check
+from edgetrain.techniques._branch import install as _branch_hooks
 from edgetrain.techniques._frozen import freeze_ops
 from edgetrain.techniques.freeze import head
 
@@ -151,20 +152,19 @@ def _run(block: nn.Module, x: Tensor) -> Tensor:
     return lite(x)
 
 
-def _hook(block: nn.Module, undo: Undo):  # noqa: ANN202
-    def post(module: nn.Module, args, kwargs, out):  # noqa: ANN001, ANN202
-        if module not in BRANCHES:
-            return None
-        x = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)), None)
-        y = out[0] if isinstance(out, (tuple, list)) else out
-        r = _run(module, x)
-        if r.shape[2:] != y.shape[2:]:
-            r = F.interpolate(r, size=y.shape[2:], mode="bilinear", align_corners=False)
-        undo.hits += 1
-        y = y + r
-        return (y, *out[1:]) if isinstance(out, tuple) else y
+def _branch(module: nn.Module, x: Tensor) -> Tensor | None:
+    if module in BRANCHES:
+        return _run(module, x)
+    if f"{ATTR}_conv1_weight" in module._parameters:  # hooks and tensors copied (deepcopy), the branch not
+        raise RuntimeError(f"{WHO}: this block's branch belongs to the model it was applied to (a deepcopy of an "
+                           "applied model keeps the parameters, not the branch); apply the technique to the copy")
+    return None
 
-    return block.register_forward_hook(post, with_kwargs=True)
+
+def _combine(y: Tensor, r: Tensor) -> Tensor:
+    """The branch's map resized to the block's output (bilinear, as the authors' upsample)."""
+    return r if r.shape[2:] == y.shape[2:] else F.interpolate(r, size=y.shape[2:], mode="bilinear",
+                                                              align_corners=False)
 
 
 def _apply(model: nn.Module, cfg: LiteResidual, targets: list[str], structure: Structure) -> Undo:
@@ -203,11 +203,12 @@ def _apply(model: nn.Module, cfg: LiteResidual, targets: list[str], structure: S
         if clash:
             raise ConfigError(f"{WHO}: {name} already has a parameter named {clash[0]!r}")
         flat = _attach(block, lite)
-        handle = _hook(block, undo)
+        handle = _branch_hooks(block, _branch, _combine, undo)
         undo.changes += 1
 
         def drop(block: nn.Module = block, handle=handle, flat=flat) -> None:  # noqa: ANN001
-            handle.remove()
+            for h in handle:
+                h.remove()
             for k in flat:
                 block._parameters.pop(k, None)
                 block._buffers.pop(k, None)
