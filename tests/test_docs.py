@@ -36,7 +36,8 @@ DOCS = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "
 JSON_VERBS = {"ls", "measure", "estimate", "plan", "inspect"}  # verbs with a --json form
 #: inline spans that name a verb (or elide its arguments) rather than give a command to run
 MENTIONS = {"edgetrain bench", "edgetrain inspect", "edgetrain estimate", "edgetrain plan", "edgetrain measure",
-            "edgetrain train", "edgetrain inspect --model ...", ".venv/bin/edgetrain"}
+            "edgetrain train", "edgetrain inspect --model ...", ".venv/bin/edgetrain", "edgetrain export",
+            "edgetrain export --run DIR --out DIR"}
 #: placeholders the docs use for a file named nearby
 PLACEHOLDERS = {"<that file>": "benchmarks/results/gradient_filter-speed-2026-11-27.json"}
 #: per-script arguments that make a benchmark tiny (its other arguments stay as written)

@@ -52,6 +52,13 @@ def _run(args: argparse.Namespace) -> int:
     model = wl.build_model(train_data.num_classes)
     result = train(model, train_data, eval_data, cfg, recipe=rec, resume=args.resume, force=args.force,
                    progress=not args.no_progress)
+    from pathlib import Path
+
+    from edgetrain.checkpoint import atomic_write_text
+
+    # what `edgetrain export` rebuilds the model from
+    atomic_write_text(Path(args.out) / "workload.json", json.dumps({"workload": wl.to_dict(),
+                                                                   "num_classes": train_data.num_classes}) + "\n")
     print(json.dumps(finite({"recipe": rec.name, "steps": result.steps, "final_loss": result.final_loss,
                              "accuracy": result.accuracy, "seconds": round(result.seconds, 2),
                              "checkpoint": str(result.checkpoint) if result.checkpoint else None}), allow_nan=False))

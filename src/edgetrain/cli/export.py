@@ -1,0 +1,30 @@
+"""``edgetrain export``: a training run's model as plain safetensors and ONNX (checked with onnxruntime)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:  # noqa: ANN001
+    p = sub.add_parser("export", help="export a training run's model (safetensors, ONNX)",
+                       description="Rebuild the model of an `edgetrain train` run, load its checkpoint, take the "
+                       "techniques out keeping what they trained (adapters merged, sparse-update slices written "
+                       "back), and write model.safetensors, model.onnx (BatchNorms folded; onnxruntime's "
+                       "predictions compared with PyTorch's on the eval set) and export.json to --out.")
+    p.add_argument("--run", required=True, help="the run directory (`edgetrain train --out`)")
+    p.add_argument("--out", required=True, help="where to write the exported files")
+    p.add_argument("--no-onnx", action="store_true", help="safetensors only")
+    p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
+    p.add_argument("--threads", type=int, default=2)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgetrain.export import export
+
+    torch.set_num_threads(args.threads)
+    info = export(args.run, args.out, onnx=not args.no_onnx, force=args.force)
+    print(json.dumps(info))
+    return 0
