@@ -265,7 +265,6 @@ def test_no_technique_holds_a_tensor_the_meter_cannot_attribute(info, cfg):
     """The guard: what a technique keeps for backward goes through saved-tensor hooks (nothing hidden), and every
     tensor it keeps beside the model is declared (``edgetrain.ops.register_state``): a census of all live tensors
     (gc) after applying it and training a step finds no other new one."""
-    from edgetrain.measure import storage_key
     from edgetrain.ops import state_tensors
     from edgetrain.testing import model_for, tiny_batch
 

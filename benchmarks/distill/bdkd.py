@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import sys
-from pathlib import Path
 
 import torch
 

@@ -3,18 +3,15 @@ merge() equality for every weight adapter: tests/techniques/test_adapters.py).""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import edgetrain as et
 from edgetrain.models import create_model
 from edgetrain.techniques import LoRA
-from edgetrain.techniques.lora import delta, merge
-from edgetrain.testing import frozen_reference, tiny_batch, tiny_model
+from edgetrain.techniques.lora import delta
 
 
 def _adapters(model: nn.Module) -> dict[str, nn.Module]:

@@ -22,18 +22,18 @@ def first_tensor(tree: Any) -> Tensor | None:
     return next((t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)), None)
 
 
-def add_to_output(out: Any, extra: Callable[[Tensor], Tensor]) -> Any:
-    """``out`` with ``extra(y)`` added to its first tensor ``y``."""
+def add_to_output(out: Any, new: Callable[[Tensor], Tensor]) -> Any:
+    """``out`` with its first tensor ``y`` replaced by ``new(y)``."""
     if isinstance(out, Tensor):
-        return out + extra(out)
+        return new(out)
     if isinstance(out, Mapping):
         key = next(k for k, v in out.items() if isinstance(v, Tensor))
-        new = type(out)(out) if not hasattr(out, "__dataclass_fields__") else out
-        new[key] = out[key] + extra(out[key])
-        return new
+        copy = type(out)(out) if not hasattr(out, "__dataclass_fields__") else out
+        copy[key] = new(out[key])
+        return copy
     if isinstance(out, (tuple, list)):
         items = list(out)
-        items[0] = items[0] + extra(items[0])
+        items[0] = new(items[0])
         if hasattr(out, "_fields"):  # a named tuple
             return type(out)(*items)
         return type(out)(items)
@@ -42,8 +42,8 @@ def add_to_output(out: Any, extra: Callable[[Tensor], Tensor]) -> Any:
 
 def install(block: nn.Module, branch: Callable[[nn.Module, Tensor], Tensor | None],
             combine: Callable[[Tensor, Tensor], Tensor], undo: Undo) -> tuple[Any, Any]:
-    """Hooks computing ``branch(block, x)`` from the block's first input tensor before it runs, and adding
-    ``combine(y, r)`` to the first tensor ``y`` of its output; the branch returning ``None`` adds nothing."""
+    """Hooks computing ``r = branch(block, x)`` from the block's first input tensor before it runs, and replacing
+    the first tensor ``y`` of its output by ``combine(y, r)``; the branch returning ``None`` changes nothing."""
     pending: list[Tensor | None] = []
 
     def pre(module: nn.Module, args, kwargs) -> None:  # noqa: ANN001

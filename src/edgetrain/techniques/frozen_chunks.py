@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from edgetrain.apply import Undo, patch_forward, under
 from edgetrain.errors import ConfigError
-from edgetrain.inputs import map_tensors
 from edgetrain.ops import intercept
 from edgetrain.registry import TechniqueInfo, register
 from edgetrain.structure import Structure

@@ -108,8 +108,12 @@ def kron_apply(a: Tensor, b: Tensor, x: Tensor, conv: Conv | None = None, dim: i
         z = z.view(n, a2, b1, *z.shape[2:])
         return torch.einsum("ij,njk...->nik...", a, z).reshape(n, a1 * b1, *z.shape[3:])
     x = x.movedim(dim, -1)
-    z = x.reshape(*x.shape[:-1], a2, -1) @ b.T  # (..., a2, b1)
-    return (a @ z).reshape(*x.shape[:-1], a1 * b1).movedim(-1, dim)
+    lead = x.shape[:-1]
+    # two 2-d products (no broadcast matmul: its expanded copies are kept outside the saved-tensor hooks)
+    z = x.reshape(-1, b.shape[1]) @ b.T  # (M * a2, b1)
+    z = z.view(-1, a2, b1).transpose(1, 2).reshape(-1, a2)  # (M * b1, a2)
+    y = (z @ a.T).view(-1, b1, a1).transpose(1, 2)  # (M, a1, b1)
+    return y.reshape(*lead, a1 * b1).movedim(-1, dim)
 
 
 def _delta(layer: nn.Module) -> Tensor:

@@ -96,8 +96,9 @@ def _branch(cfg: KronABlock, dim: int):  # noqa: ANN202
     def branch(module: nn.Module, x: Tensor) -> Tensor | None:
         if "krona_A" not in module._parameters:
             return None
-        r = torch.mul(kron_apply(module.krona_A, module.krona_B, x, dim=dim), cfg.scale)
-        return r + module.krona_lambda * x if cfg.residual else r
+        k = kron_apply(module.krona_A, module.krona_B, x, dim=dim)
+        # the scale as add's alpha: a Python-number factor of mul would be kept as a tensor outside the hooks
+        return torch.add(module.krona_lambda * x, k, alpha=cfg.scale) if cfg.residual else k
 
     return branch
 
@@ -144,7 +145,8 @@ def _apply(model: nn.Module, cfg: KronABlock, targets: list[str], structure: Str
             block.register_parameter("krona_lambda", nn.Parameter(torch.zeros((), **kw)))
         BLOCKS[block] = (cfg.scale, dim)
         UNMERGEABLE[block] = "carries a KronA^B branch beside a non-linear block (no weight can absorb it)"
-        handle = _branch_hooks(block, _branch(cfg, dim), lambda y, r: r, undo)
+        combine = (lambda y, r: y + r) if cfg.residual else (lambda y, r: torch.add(y, r, alpha=cfg.scale))
+        handle = _branch_hooks(block, _branch(cfg, dim), combine, undo)
         undo.changes += 1
 
         def drop(block: nn.Module = block, handle=handle) -> None:  # noqa: ANN001

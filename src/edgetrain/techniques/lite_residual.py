@@ -162,9 +162,9 @@ def _branch(module: nn.Module, x: Tensor) -> Tensor | None:
 
 
 def _combine(y: Tensor, r: Tensor) -> Tensor:
-    """The branch's map resized to the block's output (bilinear, as the authors' upsample)."""
-    return r if r.shape[2:] == y.shape[2:] else F.interpolate(r, size=y.shape[2:], mode="bilinear",
-                                                              align_corners=False)
+    """The block's output plus the branch's map resized to it (bilinear, as the authors' upsample)."""
+    return y + (r if r.shape[2:] == y.shape[2:] else F.interpolate(r, size=y.shape[2:], mode="bilinear",
+                                                                   align_corners=False))
 
 
 def _apply(model: nn.Module, cfg: LiteResidual, targets: list[str], structure: Structure) -> Undo:
