@@ -144,7 +144,7 @@ def meta_train_rule(net: PlasticMLP, tasks: OnlineTasks, terms: int = 3, episode
         logits = run_episode(net, theta, task, seed=seed * 100003 + ep)
         loss = F.cross_entropy(logits, task[3])
         if not torch.isfinite(loss):
-            raise ConfigError(f"plasticity: the query loss became {float(loss)} at episode {ep + 1} (theta "
+            raise ConfigError(f"the query loss became {float(loss.detach())} at episode {ep + 1} (theta "
                               f"{theta.detach().tolist()}); lower lr")
         accs.append(float((logits.argmax(1) == task[3]).double().mean()))
         if opt is not None:
