@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     per_class, queries = smoke.cap(50, 2), smoke.cap(10, 1)
     episodes, n_test = smoke.cap(a.episodes, 2), smoke.cap(a.test_episodes, 2)
     # pixels in [0, 1] as the paper's EMNIST inputs (standardised inputs made the Oja term diverge within 12-80
-    # episodes: the first run, benchmarks/results/fashion-plasticity-standardised-2026-12-02)
+    # episodes: the first run, benchmarks/results/fashion-plasticity-2026-12-02, made before this option)
     normalize = "none" if a.inputs == "unit" else "dataset"
     train = load_data("fashion-mnist", "train", channels=1, normalize=normalize)
     test = load_data("fashion-mnist", "test", channels=1, normalize=normalize)
