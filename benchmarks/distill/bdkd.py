@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
@@ -22,9 +21,8 @@ import edgetrain as et
 from edgetrain.bench import provenance, result_paths
 from edgetrain.calibration import metrics, predict, reliability, reliability_plot
 from edgetrain.distill import OnlineDistillation
-from edgetrain.errors import ConfigError
 from edgetrain.models import create_model
-from edgetrain.run import finite
+from edgetrain.report import run_main, write_report
 from edgetrain.train import TrainConfig, build_optimizer
 from edgetrain.workload import Workload
 
@@ -84,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     prov.update(finished=provenance(a.threads)["date"], workload=wl.to_dict(), train=cfg.__dict__,
                 teacher=a.teacher, student=a.student, losses="edgetrain.distill defaults: tau 4, delta 2, gamma 1")
     out = {"provenance": prov, "rows": rows, "reliability": curves}
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    paths[0].write_text(json.dumps(finite(out), indent=2, allow_nan=False) + "\n")
     lines = ["| row | student acc | ECE % | NLL | Brier | teacher acc | teacher ECE % | peak MiB | saved MiB | step s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -95,17 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {r['name']} | {100 * r['accuracy']:.2f}% | {100 * r['ece']:.2f} | {r['nll']:.3f} | "
                      f"{r['brier']:.3f} | | | ")
         lines[-1] += f"{r['peak_bytes'] / MiB:.1f} | {r['saved_bytes'] / MiB:.1f} | {r['step_seconds']:.3f} |"
-    paths[2].write_text("\n".join(lines) + "\n")
+    write_report(paths[0], out, paths[2], lines)
     reliability_plot({n: c for n, c in curves.items() if n != "teacher"}, paths[3],
                      f"{a.student} student on Fashion-MNIST ({a.teacher} teacher), {a.steps} steps")
-    for p in (paths[0], paths[2], paths[3]):
-        print(p)
+    print(paths[3])
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"bdkd: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "bdkd")

@@ -13,7 +13,6 @@ the body's convs save nothing for weight gradients).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -24,9 +23,8 @@ import edgetrain as et
 from edgetrain import smoke
 from edgetrain.bench import provenance, result_paths
 from edgetrain.data import load_data
-from edgetrain.errors import ConfigError
 from edgetrain.meta import Conv4, Episodes, MetaLearner, meta_train
-from edgetrain.run import finite
+from edgetrain.report import run_main, write_report
 
 KiB = 1024
 
@@ -81,22 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     prov.update(finished=provenance(a.threads)["date"], iterations=iterations, meta_batch=a.meta_batch,
                 inner_steps=a.inner_steps, inner_lr=a.inner_lr, meta_lr=1e-3, backbone="Conv4 width 32",
                 meta_train_classes=[0, 1, 2, 3, 4], meta_test_classes=[5, 6, 7, 8, 9])
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    paths[0].write_text(json.dumps(finite({"provenance": prov, "rows": rows}), indent=2, allow_nan=False) + "\n")
     lines = ["| algorithm | 5-way | accuracy (95% CI) | adaptation step peak KiB | saved KiB | grads KiB | meta-train s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['algorithm']} | {r['shots']}-shot | {100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}% | "
               f"{r['adapt_peak_bytes'] / KiB:.0f} | {r['adapt_saved_bytes'] / KiB:.0f} | {r['adapt_grad_bytes'] / KiB:.1f} "
               f"| {r['meta_train_seconds']:.0f} |" for r in rows]
-    paths[2].write_text("\n".join(lines) + "\n")
-    print(paths[0])
-    print(paths[2])
+    write_report(paths[0], {"provenance": prov, "rows": rows}, paths[2], lines)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"fewshot: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "fewshot")

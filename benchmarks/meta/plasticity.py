@@ -13,7 +13,6 @@ error-Hebbian, Oja); symmetric feedback (backprop's gradient) with the fixed rul
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -26,7 +25,7 @@ from edgetrain.bench import provenance, result_paths
 from edgetrain.data import load_data
 from edgetrain.errors import ConfigError
 from edgetrain.plasticity import OnlineTasks, PlasticMLP, meta_train_rule, run_episode
-from edgetrain.run import finite
+from edgetrain.report import run_main, write_report
 
 #: (name, feedback, terms, learned, meta lr): the three-term rule at the paper's 1e-3 diverged (NaN at episode 80 of
 #: the first run, theta (0.0083, -0.0068, -0.0062)); it is also run at 3e-4
@@ -87,23 +86,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     prov.update(finished=provenance(a.threads)["date"], inputs=a.inputs, episodes=episodes, train_per_class=per_class,
                 query_per_class=queries, ways=5, sizes=[size, 170, 130, 100, 70, 5])
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    paths[0].write_text(json.dumps(finite({"provenance": prov, "rows": rows}), indent=2, allow_nan=False) + "\n")
     lines = ["| rule | feedback | learned terms | theta | test accuracy (95% CI) | meta-train s |", "|---|---|---|---|---:|---:|"]
     lines += [f"| {r['name']} | {r['feedback']} | {r['terms'] if r['learned'] else 0} | diverged | "
               f"{r['diverged']} | |" if "diverged" in r else
               f"| {r['name']} | {r['feedback']} | {r['terms'] if r['learned'] else 0} | "
               f"{', '.join(f'{v:.3g}' for v in r['theta'])} | {100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}% | "
               f"{r['meta_train_seconds']:.0f} |" for r in rows]
-    paths[2].write_text("\n".join(lines) + "\n")
-    print(paths[0])
-    print(paths[2])
+    write_report(paths[0], {"provenance": prov, "rows": rows}, paths[2], lines)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"plasticity: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, "plasticity")
