@@ -7,11 +7,11 @@ import os
 import sys
 
 from edgetrain import __version__
-from edgetrain.cli import bench, estimate, export, inspect, ls, measure, plan, train
+from edgetrain.cli import bench, estimate, export, federated, inspect, ls, measure, plan, train
 from edgetrain.errors import EdgetrainError
 
 VERBS = {"train": train, "measure": measure, "estimate": estimate, "plan": plan, "bench": bench, "inspect": inspect,
-         "ls": ls, "export": export}
+         "ls": ls, "export": export, "federated": federated}
 
 
 def build_parser() -> argparse.ArgumentParser:
