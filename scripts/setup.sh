@@ -20,8 +20,8 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" install "torch==$TORCH_VERSION"
 fi
 
-echo "[setup] installing edgetrain (editable) with the test, bench, data and export extras"
-"${PIP[@]}" install -e ".[test,bench,data,export]"
+echo "[setup] installing edgetrain (editable) with the test, bench, data, export and federated extras"
+"${PIP[@]}" install -e ".[test,bench,data,export,federated]"
 
 # The foreign zoo (edgetrain.testing.zoo) builds timm models. timm requires torchvision, whose PyPI wheels need
 # the CUDA build of torch: both go in with --no-deps (timm's other requirements come with transformers), and

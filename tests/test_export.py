@@ -67,3 +67,37 @@ def test_bad_runs_and_existing_exports_are_one_line(tmp_path, capsys):
     assert "no workload.json" in capsys.readouterr().err
     model, _, info = plain_model(plain)
     assert info["techniques_removed"] == [] and not model.training
+
+
+def test_executorch_training_program_steps_as_pytorch_does(tmp_path, capsys):
+    """A sparse-update run's training program: one step in ExecuTorch's runtime (loss, gradients, SGD) against the
+    same step in PyTorch, on what the plan trains (a half-channel weight slice, biases, the classifier)."""
+    pytest.importorskip("executorch")
+    run = _run(tmp_path, "run", "name: sparse\ntechniques:\n  - {type: sparse_update, bias_last_k: 1, "
+                                "weights: {'features.2.0': 0.5}}\n")
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "out"), "--threads", "1", "--no-onnx",
+                 "--training-program"]) == 0
+    info = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert info["executorch"]["prediction_agreement"] == 1.0 and (tmp_path / "out" / "model.pte").stat().st_size > 0
+    t = info["executorch_training"]
+    conv = et.models.create_model("small_cnn", num_classes=10, in_channels=1).features[2][0]
+    assert t["trainable"]["net.features.2.0.parametrizations.weight.original"] == [
+        conv.out_channels, conv.in_channels // 2, *conv.kernel_size]  # the slice, not the whole weight
+    assert set(t["trainable"]) == {"net.features.2.0.parametrizations.weight.original", "net.features.2.1.bias",
+                                   "net.classifier.weight", "net.classifier.bias"}
+    assert abs(t["loss_executorch"] - t["loss_pytorch"]) <= 1e-5 * abs(t["loss_pytorch"])
+    assert t["max_abs_gradient_difference"] <= 1e-5 and t["max_abs_parameter_difference_after_step"] <= 1e-6
+    assert t["max_abs_parameter_change"] > 1e-4  # the step did something: the comparison is not of zeros
+    lora = _run(tmp_path, "lora", "name: lora\ntechniques:\n  - {type: lora, rank: 2}\n")
+    assert main(["export", "--run", str(lora), "--out", str(tmp_path / "l"), "--no-onnx", "--training-program"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a sparse-update plan's run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_executorch_names_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    run = _run(tmp_path, "plain")
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "o"), "--no-onnx"]) == 2
+    assert "pip install 'edgetrain[export]' (or --no-pte)" in capsys.readouterr().err

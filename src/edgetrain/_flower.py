@@ -73,7 +73,10 @@ def _train(msg: Message, context: Context) -> Message:
 
     def die_halfway(step: int, _metrics: dict[str, Any]) -> None:
         if (fail.get("client"), fail.get("round")) == (client, server_round) and step >= config.local_steps // 2:
-            os._exit(3)  # the device dies mid-round: no reply, no cleanup
+            if fail.get("mode") == "exit":
+                os._exit(3)  # the worker process dies mid-round: no reply, no cleanup
+            raise RuntimeError(f"client {client} failed at local step {step} of round {server_round} (the config's "
+                               "fail setting)")
 
     tc = TrainConfig(steps=config.local_steps, batch_size=profile.batch_size, optimizer="sgd", lr=config.lr,
                      momentum=0.9, schedule="constant", seed=client_seed(config, client, server_round))
@@ -153,6 +156,12 @@ class ProcessTreeMemory:
         self._thread.join()
 
 
+def _reason(text: str) -> str:
+    """The exception's own message out of the traceback Flower reports for a failed reply."""
+    line = [x for x in text.strip().splitlines() if x.strip()][-1]
+    return line.split("Message: ", 1)[-1].removesuffix("'>").strip()[:200]
+
+
 def _say(out: Path, text: str) -> None:
     print(text, file=sys.stderr, flush=True)
     with open(out / "federated.log", "a") as f:
@@ -175,7 +184,7 @@ def simulate(config: FederatedConfig, out: Path, *, threads: int = 2) -> dict[st
 
     def on_round(server_round: int, rows: list[dict[str, Any]], failures: list[tuple[int | None, int, str]]) -> None:
         state["rows"][server_round] = {"clients": rows, "failed": [
-            {"client": client, "node": node, "reason": reason.strip().splitlines()[-1][:200]}
+            {"client": client, "node": node, "reason": _reason(reason)}
             for client, node, reason in failures]}
         if not rows:  # nothing to aggregate: stop rather than report rounds in which nothing trained
             first = state["rows"][server_round]["failed"][0]["reason"] if failures else "no replies"
@@ -224,7 +233,8 @@ def simulate(config: FederatedConfig, out: Path, *, threads: int = 2) -> dict[st
             state["error"] = e
 
     quiet = logging.getLogger("flwr").level
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # our own line per round instead of Flower's INFO log
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs: silences Ray's FutureWarning
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -10,10 +10,13 @@ written back into the weight by its ``remove()``). Written to ``--out``:
 * ``model.onnx`` (``[export]`` extra: onnx, onnxruntime): the eval-mode model with each BatchNorm that only reads a
   convolution folded into it (checked against the unfolded model before writing), run by onnxruntime on the whole
   eval set: predictions compared with PyTorch's;
+* ``model.pte`` and, with ``training_program``, ``train.pte`` (``[export]`` extra: executorch): ExecuTorch's
+  inference program, and a sparse-update plan's training program checked step for step against PyTorch
+  (:mod:`edgetrain.export_executorch`);
 * ``export.json``: what was done and measured (agreement, largest logit difference, file sizes).
 
 Techniques whose trained part is not a weight of the plain model (KronA^B's and TinyTL's branches) are refused in one
-line. ExecuTorch (``.pte``) is not written: the ``executorch`` package is not installed here (not attempted).
+line.
 """
 
 from __future__ import annotations
@@ -62,12 +65,15 @@ def plain_model(run: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise ConfigError(f"{run}/checkpoint.pt: does not fit the rebuilt model ({str(e).splitlines()[0]})") from None
+    from edgetrain.export_executorch import trainable_of
+
+    trainable = trainable_of(model)
     merged = merge(model)
     handle.remove()  # a sparse update writes its trained slices back; every technique's ops go
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval(), eval_data, {"step": ck.get("step"), "recipe": recipe.name, "merged_adapters": merged,
-                                     "techniques_removed": recipe.technique_names}
+                                     "techniques_removed": recipe.technique_names, "trainable": trainable}
 
 
 def fold_batchnorms(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
@@ -111,7 +117,8 @@ def fold_batchnorms(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
     return folded, n
 
 
-def export(run: str | Path, out: str | Path, *, onnx: bool = True, force: bool = False) -> dict[str, Any]:
+def export(run: str | Path, out: str | Path, *, onnx: bool = True, pte: bool = True, training_program: bool = False,
+           force: bool = False) -> dict[str, Any]:
     """Write the plain model of ``run`` to ``out`` (see the module docstring); returns ``export.json``'s content."""
     from safetensors.torch import save_file
 
@@ -126,6 +133,14 @@ def export(run: str | Path, out: str | Path, *, onnx: bool = True, force: bool =
                            "tensors": len(state)}
     if onnx:
         info["onnx"] = _onnx(model, data, out / "model.onnx")
+    if pte or training_program:
+        from edgetrain import export_executorch as et
+
+        if pte:
+            info["executorch"] = et.pte_inference(model, data, out / "model.pte", ONNX_TOLERANCE)
+        if training_program:
+            info["executorch_training"] = et.pte_training(model, info["trainable"], info["techniques_removed"], data,
+                                                          out / "train.pte")
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 

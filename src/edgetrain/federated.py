@@ -89,9 +89,11 @@ class FederatedConfig:
         strategy: ``fedavg`` or ``fedavgm`` (server momentum ``server_momentum``, server learning rate 1).
         alpha: Dirichlet concentration of the class split (small: each client sees few classes).
         profiles: ``{name, budget | device, batch_size?}`` per kind of device.
-        analysis_steps, weight_last: the planner's contribution analysis (:func:`edgetrain.plan.analyze`).
-        fail: ``{client, round}``: that client's process exits halfway through its local steps in that round
-            (to show a round completing without it).
+        analysis_steps, analysis_ks, weight_last: the planner's contribution analysis (:func:`edgetrain.plan.analyze`:
+            its steps per run, the bias grid (``None``: the default grid), the last convs whose weights it tries).
+        fail: ``{client, round, mode?}``: that client fails halfway through its local steps in that round (to
+            show a round completing without it): ``mode: raise`` (default) raises in the ClientApp; ``mode: exit``
+            ends its worker process, which on Flower's Ray runtime also fails the clients queued on that worker.
     """
 
     workload: Workload
@@ -105,9 +107,10 @@ class FederatedConfig:
     alpha: float = 0.5
     profiles: tuple[Profile, ...] = ()
     analysis_steps: int = 100
+    analysis_ks: tuple[int, ...] | None = None
     weight_last: int = 12
     seed: int = 0
-    fail: dict[str, int] | None = None
+    fail: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -121,8 +124,9 @@ class FederatedConfig:
             raise ConfigError("federated: fraction must be in (0, 1], alpha and lr positive")
         if not self.profiles:
             raise ConfigError("federated: give at least one client profile")
-        if self.fail is not None and set(self.fail) != {"client", "round"}:
-            raise ConfigError(f"federated: fail takes {{client, round}}, got {self.fail!r}")
+        if self.fail is not None and not ({"client", "round"} <= set(self.fail) <= {"client", "round", "mode"}
+                                          and self.fail.get("mode", "raise") in ("raise", "exit")):
+            raise ConfigError(f"federated: fail takes {{client, round, mode: raise | exit}}, got {self.fail!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FederatedConfig:
@@ -135,7 +139,8 @@ class FederatedConfig:
         wl = d["workload"] if isinstance(d["workload"], Workload) else Workload.from_dict(d["workload"])
         profiles = tuple(p if isinstance(p, Profile) else Profile.from_dict(p, wl.batch_size)
                          for p in d.get("profiles", ()))
-        return cls(**{**d, "workload": wl, "profiles": profiles})
+        ks = tuple(d["analysis_ks"]) if d.get("analysis_ks") is not None else None
+        return cls(**{**d, "workload": wl, "profiles": profiles, "analysis_ks": ks})
 
     @classmethod
     def load(cls, path: str | Path) -> FederatedConfig:
@@ -159,7 +164,7 @@ class FederatedConfig:
         return dataclasses.replace(
             self, workload=smoke.workload(self.workload), clients=min(self.clients, 3), rounds=min(self.rounds, 2),
             local_steps=min(self.local_steps, smoke.STEPS), analysis_steps=min(self.analysis_steps, 2),
-            weight_last=min(self.weight_last, 2), fraction=1.0,
+            weight_last=min(self.weight_last, 2), analysis_ks=(0, 1), fraction=1.0,
             profiles=tuple(dataclasses.replace(p, batch_size=min(p.batch_size, smoke.BATCH)) for p in self.profiles))
 
     def profile_of(self, client: int) -> Profile:
@@ -252,8 +257,9 @@ def plan_profiles(config: FederatedConfig, *, threads: int = 2, progress: bool =
     from edgetrain.plan import analyze, plan
 
     wl = config.workload
-    contribution = analyze(wl, steps=config.analysis_steps, weight_last=config.weight_last,
-                           **({"ks": [0, 1]} if smoke.active() else {}), threads=threads, progress=progress)
+    ks = list(config.analysis_ks) if config.analysis_ks is not None else None
+    contribution = analyze(wl, steps=config.analysis_steps, weight_last=config.weight_last, ks=ks, threads=threads,
+                           progress=progress)
     model = wl.build_model(wl.load_data("train").num_classes)
     shape = tuple(wl.example_input(zeros=True).shape[1:])
     plans = {}

@@ -11,10 +11,16 @@ def add_parser(sub) -> None:  # noqa: ANN001
                        description="Rebuild the model of an `edgetrain train` run, load its checkpoint, take the "
                        "techniques out keeping what they trained (adapters merged, sparse-update slices written "
                        "back), and write model.safetensors, model.onnx (BatchNorms folded; onnxruntime's "
-                       "predictions compared with PyTorch's on the eval set) and export.json to --out.")
+                       "predictions compared with PyTorch's on the eval set), model.pte (ExecuTorch, XNNPACK, "
+                       "compared the same way) and export.json to --out; --training-program adds train.pte, a "
+                       "sparse-update plan's training step for ExecuTorch's runtime, checked against PyTorch's.")
     p.add_argument("--run", required=True, help="the run directory (`edgetrain train --out`)")
     p.add_argument("--out", required=True, help="where to write the exported files")
-    p.add_argument("--no-onnx", action="store_true", help="safetensors only")
+    p.add_argument("--no-onnx", action="store_true", help="no ONNX model")
+    p.add_argument("--no-pte", action="store_true", help="no ExecuTorch inference program")
+    p.add_argument("--training-program", action="store_true",
+                   help="also write train.pte: the plan's training step as an ExecuTorch program (sparse-update "
+                   "plans only; ExecuTorch's training export is experimental)")
     p.add_argument("--force", action="store_true", help="replace an earlier export in --out")
     p.add_argument("--threads", type=int, default=2)
 
@@ -25,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from edgetrain.export import export
 
     torch.set_num_threads(args.threads)
-    info = export(args.run, args.out, onnx=not args.no_onnx, force=args.force)
+    info = export(args.run, args.out, onnx=not args.no_onnx, pte=not args.no_pte,
+                  training_program=args.training_program, force=args.force)
     print(json.dumps(info))
     return 0
