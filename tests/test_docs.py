@@ -37,7 +37,8 @@ JSON_VERBS = {"ls", "measure", "estimate", "plan", "inspect"}  # verbs with a --
 #: inline spans that name a verb (or elide its arguments) rather than give a command to run
 MENTIONS = {"edgetrain bench", "edgetrain inspect", "edgetrain estimate", "edgetrain plan", "edgetrain measure",
             "edgetrain train", "edgetrain inspect --model ...", ".venv/bin/edgetrain", "edgetrain export",
-            "edgetrain export --run DIR --out DIR"}
+            "edgetrain export --run DIR --out DIR", "edgetrain plan -o", "edgetrain federated",
+            "edgetrain federated --config FED.yaml --out DIR"}
 #: placeholders the docs use for a file named nearby
 PLACEHOLDERS = {"<that file>": "benchmarks/results/gradient_filter-speed-2026-11-27.json"}
 #: per-script arguments that make a benchmark tiny (its other arguments stay as written)
@@ -57,7 +58,8 @@ KNOWN_BROKEN: dict[str, str] = {}
 #: blocks that take minutes even on the tiny workload (run with `make test-slow`)
 SLOW = {"benchmarks/gradient_filter/speed.py", "benchmarks/zoo/run.py", "benchmarks/plan/t1_budgets.py",
         "benchmarks/compress/t1_compress.yaml", "benchmarks/plan/int8_plans.py",
-        "benchmarks/gradient_filter/t1_gf.yaml", "benchmarks/adapters/peft_compare.py", "benchmarks/distill/bdkd.py"}
+        "benchmarks/gradient_filter/t1_gf.yaml", "benchmarks/adapters/peft_compare.py", "benchmarks/distill/bdkd.py",
+        "benchmarks/federated/federated.py", "benchmarks/export/equivalence.py"}
 #: commands the docs show failing on purpose: (exit status, a fragment of the one-line error)
 EXPECTED_ERRORS = {"edgetrain plan --budget 2KB": (2, "is infeasible: the smallest"),
                    "edgetrain plan --device mcu": (2, "is infeasible: the smallest"),

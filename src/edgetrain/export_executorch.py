@@ -163,11 +163,11 @@ def pte_training(model: nn.Module, trainable: dict[str, Any], techniques: list[s
         for p in params.values():
             p -= lr * p.grad
     grad_diff = max(float((et_grads[n] - p.grad).abs().max()) for n, p in params.items())
-    step_diff = max(float((et_after[n] - p).abs().max()) for n, p in params.items())
-    moved = max(float((p - before[n]).abs().max()) for n, p in params.items())
+    step_diff = max(float((et_after[n] - p.detach()).abs().max()) for n, p in params.items())
+    moved = max(float((p.detach() - before[n]).abs().max()) for n, p in params.items())
     return {"file": path.name, "bytes": path.stat().st_size, "batch": len(x), "lr": lr,
             "trainable": {n: list(p.shape) for n, p in params.items()},
             "trainable_elements": sum(p.numel() for p in params.values()),
-            "loss_pytorch": float(loss), "loss_executorch": et_loss,
+            "loss_pytorch": loss.item(), "loss_executorch": et_loss,
             "max_abs_gradient_difference": grad_diff, "max_abs_parameter_difference_after_step": step_diff,
             "max_abs_parameter_change": moved}
