@@ -43,15 +43,21 @@ def profile_rows(config: FederatedConfig, rounds: list[dict]) -> list[dict]:
     return out
 
 
-def centralised(config: FederatedConfig, recipe: dict, batch_size: int, threads: int) -> list[float]:
+def centralised(config: FederatedConfig, recipe: dict, batch_size: int, threads: int, schedule: str) -> dict:
+    """Accuracy after every round's worth of steps, and the mean training loss over each such stretch."""
     wl = config.workload
     data, test = wl.load_data("train"), wl.load_data("test")
     per_round = max(2, round(config.fraction * config.clients)) * config.local_steps
     model = wl.build_model(data.num_classes)
     cfg = TrainConfig(steps=per_round * config.rounds, batch_size=batch_size, optimizer="sgd", lr=config.lr,
-                      momentum=0.9, schedule="constant", eval_every=per_round, seed=config.seed, threads=threads)
+                      momentum=0.9, schedule=schedule, eval_every=per_round, seed=config.seed, threads=threads)
     result = train(model, data, test, cfg, recipe=Recipe.from_dict(recipe), progress=False)
-    return [h["eval_accuracy"] for h in result.history if "eval_accuracy" in h] + [result.accuracy]
+    losses = [h["loss"] for h in result.history]
+    return {"schedule": schedule, "steps": cfg.steps,
+            "accuracy_per_round": [h["eval_accuracy"] for h in result.history if "eval_accuracy" in h]
+            + [result.accuracy],
+            "loss_per_round": [sum(losses[i:i + per_round]) / len(losses[i:i + per_round])
+                               for i in range(0, len(losses), per_round)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", default="fedavg,fedavgm")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="read the federated runs already in runs/<stem>/ instead of running them again")
     a = ap.parse_args(argv)
     stem = f"fashion-{a.name}"
     paths = result_paths(a.out, stem, force=a.force)
@@ -69,26 +77,38 @@ def main(argv: list[str] | None = None) -> int:
     base = FederatedConfig.load(a.config)
     runs, config = {}, base.smoke()
     for strategy in a.strategies.split(","):
-        summary = run(dataclasses.replace(base, strategy=strategy), Path("runs") / stem / strategy, force=True,
-                      threads=a.threads, progress=False)
+        where = Path("runs") / stem / strategy
+        if a.reuse_runs:
+            summary = json.loads((where / "summary.json").read_text())
+            summary["reused_from"] = str(where)
+        else:
+            summary = run(dataclasses.replace(base, strategy=strategy), where, force=True, threads=a.threads,
+                          progress=False)
         rounds = [json.loads(x) for x in (Path("runs") / stem / strategy / "rounds.jsonl").read_text().splitlines()]
         runs[strategy] = {"summary": summary, "rounds": rounds, "profiles": profile_rows(config, rounds[1:])}
     plans = json.loads((Path("runs") / stem / a.strategies.split(",")[0] / "plans.json").read_text())
     largest = max(dict.fromkeys(config.profiles), key=lambda p: p.budget)
     torch.set_num_threads(a.threads)
-    central = centralised(config, plans[largest.name]["recipe"], largest.batch_size, a.threads)
+    central = {s: centralised(config, plans[largest.name]["recipe"], largest.batch_size, a.threads, s)
+               for s in ("constant", "cosine")}  # constant: the clients' schedule; cosine: the planner docs'
     result = {"provenance": prov, "config": config.to_dict(), "smoke": smoke.active(), "runs": runs,
-              "centralised": {"profile": largest.name, "accuracy_per_round": central}, "plans": plans}
+              "centralised": {"profile": largest.name, **central}, "plans": plans}
     lines = [f"# Federated fine-tuning: {config.clients} clients, {config.rounds} rounds, Dirichlet alpha "
              f"{config.alpha} ({prov.get('commit', '?')}, {prov.get('date', '?')})", "",
-             "| round | " + " | ".join(runs) + f" | centralised ({largest.name} plan) |", "|---|" + "---|" * (len(runs) + 1)]
+             f"Centralised: the {largest.name} profile's plan on the whole training split, one round's worth of steps "
+             "(clients per round x local steps) per row, same lr and batch; its mean training loss over those steps "
+             "in brackets.", "",
+             "| round | " + " | ".join(runs) + " | centralised, constant lr | centralised, cosine lr |",
+             "|---|" + "---|" * (len(runs) + 2)]
     for i in range(config.rounds + 1):
         accs = [f"{100 * r['rounds'][i]['accuracy']:.2f}%" if i < len(r["rounds"]) else "-" for r in runs.values()]
-        c = f"{100 * central[i - 1]:.2f}%" if 0 < i <= len(central) else "-"
-        lines.append(f"| {i} | " + " | ".join(accs) + f" | {c} |")
+        cs = [f"{100 * c['accuracy_per_round'][i - 1]:.2f}% ({c['loss_per_round'][i - 1]:.3f})"
+              if 0 < i <= min(len(c["accuracy_per_round"]), len(c["loss_per_round"])) else "-" for c in central.values()]
+        lines.append(f"| {i} | " + " | ".join(accs + cs) + " |")
     for strategy, r in runs.items():
         s = r["summary"]
-        lines += ["", f"## {strategy}: wall {s['wall_seconds']:.0f} s, peak memory of the run {s['peak_rss']} (PSS "
+        reused = f" (run reused from {s['reused_from']})" if "reused_from" in s else ""
+        lines += ["", f"## {strategy}{reused}: wall {s['wall_seconds']:.0f} s, peak memory of the run {s['peak_rss']} (PSS "
                   "of the driver and Flower's workers)", "",
                   "| profile | budget | batch | client-rounds | sent per client-round (mean / max) | x whole model | "
                   "measured peak (max) | predicted | within budget |", "|---|---|---|---|---|---|---|---|---|"]
