@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -239,10 +238,12 @@ def average_updates(current: dict[str, Tensor], updates: list[tuple[float, dict[
             else:
                 total[name].index_add_(axis, index, w * values.double())
                 weight[name].index_add_(axis, index, torch.full_like(values, w, dtype=torch.float64))
-    return {k: torch.where(weight[k] > 0, total[k] / weight[k].clamp_min(1e-300), v.double()).to(v.dtype)
-            if torch.is_floating_point(v) else
-            torch.where(weight[k] > 0, (total[k] / weight[k].clamp_min(1e-300)).round(), v.double()).to(v.dtype)
-            for k, v in current.items()}
+    out = {}
+    for k, v in current.items():
+        mean = total[k] / weight[k].clamp_min(1e-300)
+        mean = mean if torch.is_floating_point(v) else mean.round()  # integer buffers (num_batches_tracked)
+        out[k] = torch.where(weight[k] > 0, mean, v.double()).to(v.dtype)
+    return out
 
 
 def nbytes(tensors: dict[str, Tensor]) -> int:
@@ -310,7 +311,3 @@ def run(config: FederatedConfig, out: str | Path, *, force: bool = False, thread
 
 def client_seed(config: FederatedConfig, client: int, server_round: int) -> int:
     return config.seed * 1_000_003 + server_round * 1009 + client
-
-
-def threads_hint() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
