@@ -41,6 +41,7 @@ from edgetrain.techniques import (
     Int8Frozen,
     KronA,
     KronABlock,
+    LightNorm,
     LiteResidual,
     LoRA,
     MobileTL,
@@ -54,6 +55,7 @@ from edgetrain.workload import Workload
 __all__ = [
     "KronA",
     "KronABlock",
+    "LightNorm",
     "LiteResidual",
     "LoRA",
     "PatchExecute",

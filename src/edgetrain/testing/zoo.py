@@ -196,7 +196,8 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
     from edgetrain.recipe import Recipe
     from edgetrain.techniques import (ActNN, ApproxMultiply, BiasOnly, BNNEdge, Checkpoint, Comet, Freeze,
                                       FrozenChunks, FrozenInference, GradientFilter, Int8, Int8Frozen, KronA,
-                                      KronABlock, LiteResidual, LoRA, MobileTL, SparseUpdate)
+                                      KronABlock, LightNorm, LiteResidual, LoRA, MobileTL,
+                                      SparseUpdate)
     from edgetrain.techniques.sparse_update import layers
 
     trained = layers(structure)
@@ -221,7 +222,11 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         "krona": KronA(),
         "krona_block": KronABlock(),
         "lite_residual": LiteResidual(),
+        # range BN is another normaliser (its gradients are not plain BN's by design; reference tests in
+        # tests/test_lightnorm.py): the zoo holds the low-bit arithmetic and BFP against plain BatchNorm
+        "lightnorm": LightNorm(range_bn=False),
         "patch_execute": __import__("edgetrain.techniques", fromlist=["PatchExecute"]).PatchExecute(blocks=2),
+        # Yu21 at 8 bits: no added parameters, so its gradients compare name for name with plain PyTorch's
     }
 
 
