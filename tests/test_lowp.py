@@ -193,6 +193,8 @@ def test_bfp_stores_about_one_byte_per_element():
     x = torch.randn(8, 64, 4, 4)
     enc = bfp.encode(x, bfp.BFP(5, 32))
     assert enc.nbytes == x.numel() + 3 * x.numel() // 32
+    part = torch.randn(8, 24, 4, 4)  # a partial block: its padding is not stored
+    assert bfp.encode(part, bfp.BFP(5, 32)).nbytes == part.numel() + 3 * 8 * 16
 
 
 def test_bfp_non_finite_is_not_hidden_and_bad_configs_are_one_line():

@@ -146,22 +146,26 @@ class Encoded:
 
 
 def encode(t: Tensor, cfg: BFP) -> Encoded:
-    """``t`` block-quantised and stored: :func:`decode` gives back exactly :func:`quantize`'s values."""
+    """``t`` block-quantised and stored: :func:`decode` gives back exactly :func:`quantize`'s values. The codes of
+    a partial block's padding are not stored."""
     b, pad = _blocks(t.to(torch.float32), cfg.block)
     e1, e2, at, grid = _analyse(b, cfg)
-    codes = _codes(b, grid, cfg)
+    codes = _codes(b, grid, cfg).reshape(b.shape[0], -1)
+    codes = codes[:, : codes.shape[1] - pad] if pad else codes
     dtype = torch.int8 if cfg.man_bits <= 7 else torch.int16
     flex = cfg.variant == "flexblock"
-    return Encoded(codes.to(dtype), e1.to(torch.uint8), e2.to(torch.uint8), at.to(torch.uint8) if flex else None,
-                   t.shape, pad)
+    return Encoded(codes.to(dtype).contiguous(), e1.to(torch.uint8), e2.to(torch.uint8),
+                   at.to(torch.uint8) if flex else None, t.shape, pad)
 
 
 def decode(enc: Encoded, cfg: BFP) -> Tensor:
     """fp32 values of an :class:`Encoded` tensor."""
+    codes = torch.nn.functional.pad(enc.codes, (0, enc.pad)) if enc.pad else enc.codes
+    codes = codes.view(enc.e1.shape[0], enc.e1.shape[1], -1)
     e1, e2 = enc.e1.to(torch.int32).unsqueeze(-1), enc.e2.to(torch.int32).unsqueeze(-1)
-    grid = e2.expand(enc.codes.shape).clone()
+    grid = e2.expand(codes.shape).clone()
     if enc.at is not None:
         grid.scatter_(-1, enc.at.to(torch.int64).unsqueeze(-1), e1)
-    values = enc.codes.to(torch.float32) * _step(grid, cfg)
+    values = codes.to(torch.float32) * _step(grid, cfg)
     values = torch.where(e1 == 255, torch.full_like(values, float("nan")), values)  # a non-finite input: NaN
     return _unblocks(values, enc.shape, enc.pad)

@@ -29,7 +29,8 @@ Casts pass gradients straight through.
 
 Saved for backward: the input **as stored** (BFP codes, 1 byte per element plus 3 per block of 32 channels; or the
 low-bit float's 16-bit code; or fp32 when neither is set), the per-channel mean and scale, gamma, and the chunk
-extremes' positions (``int32``, ``2 K`` per channel): what the meter counts is what is kept.
+extremes' positions within their chunks (``2 K`` per channel, ``uint8`` for chunks of up to 256 values): what
+the meter counts is what is kept.
 
 Running statistics (``running_mean``/``running_var`` of a module that tracks them) are updated with the momentum
 the module passes; for range BN ``running_var`` takes ``sigma ** 2``, so the stock eval-mode BatchNorm computes
@@ -113,14 +114,18 @@ def chunks(n: int, k: int) -> tuple[int, int]:
 
 
 def chunk_extremes(x2: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per channel and chunk: max and min values ``(C, K)`` and their positions in ``x2``'s rows (int64)."""
+    """Per channel and chunk: max and min values ``(C, K)`` and their positions within the chunk (int64)."""
     n = x2.shape[1]
     k, size = chunks(n, k)
     pad = k * size - n
     hi = F.pad(x2, (0, pad), value=-math.inf).view(-1, k, size).max(-1)
     lo = F.pad(x2, (0, pad), value=math.inf).view(-1, k, size).min(-1)
-    base = torch.arange(k, device=x2.device) * size
-    return hi.values, lo.values, hi.indices + base, lo.indices + base
+    return hi.values, lo.values, hi.indices, lo.indices
+
+
+def position_dtype(size: int) -> torch.dtype:
+    """The smallest integer type that holds a position within a chunk of ``size`` values."""
+    return torch.uint8 if size <= 256 else torch.int16 if size <= 32768 else torch.int32
 
 
 def _store(x: Tensor, num: Numerics) -> tuple[Tensor, list[Tensor], object]:
@@ -168,14 +173,18 @@ class LightNormFunction(torch.autograd.Function):
             sigma = (hi.mean(1) - lo.mean(1)) * c
             s = sigma + eps
             running_var = sigma.detach() ** 2
-            extremes = [hi_at.to(torch.int32), lo_at.to(torch.int32)]
+            _, size = chunks(n, num.num_chunks)
+            extremes = [hi_at.to(position_dtype(size)), lo_at.to(position_dtype(size))]
             ctx.coef = c / k
         else:
             var = x2.var(1, unbiased=False)
             s = torch.sqrt(var + eps)
             running_var = x2.var(1, unbiased=True) if n > 1 else var
             extremes = []
-        mu_c, s_c = num.f_acc(mu), num.f_acc(s)
+        # a constant channel's scale is eps, below fp10's smallest normal (2^-14): it would flush to zero and 0/0
+        # make NaN, so the scale is held at the accumulation format's smallest normal
+        acc = num.fwd.plus(num.acc_bits)
+        mu_c, s_c = num.f_acc(mu), num.f_acc(s) if acc.identity else num.f_acc(s).clamp(min=2.0 ** acc.emin)
         g = num.f(weight) if weight is not None else None
         xhat = num.f((xq - _view(mu_c, xq)) / _view(s_c, xq))
         y = xhat if g is None else xhat * _view(g, xq)
@@ -215,11 +224,11 @@ class LightNormFunction(torch.autograd.Function):
                 dx = (h - _view(h.mean(dims), h)) / _view(s_c, h)
                 n = dy.numel() // dy.shape[1]
                 k, size = chunks(n, num.num_chunks)
-                ds = torch.zeros(dy.shape[1], k * size, dtype=dy.dtype, device=dy.device)
-                w = (-hx / s_c * ctx.coef).unsqueeze(1).expand(-1, k)
-                ds.scatter_add_(1, extremes[0].to(torch.int64), w)
-                ds.scatter_add_(1, extremes[1].to(torch.int64), -w)
-                dx = dx + channels_back(ds[:, :n], dy)
+                ds = torch.zeros(dy.shape[1], k, size, dtype=dy.dtype, device=dy.device)
+                w = (-hx / s_c * ctx.coef).view(-1, 1, 1).expand(-1, k, 1)
+                ds.scatter_add_(2, extremes[0].to(torch.int64).unsqueeze(-1), w)
+                ds.scatter_add_(2, extremes[1].to(torch.int64).unsqueeze(-1), -w)
+                dx = dx + channels_back(ds.view(dy.shape[1], -1)[:, :n], dy)
             else:
                 m = dy.numel() // dy.shape[1]
                 dx = (h - _view(h.sum(dims) / m, h) - xhat * _view(hx / m, h)) / _view(s_c, h)
