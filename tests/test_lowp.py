@@ -165,9 +165,10 @@ def test_bfp_error_bound_and_storage(values, m, variant, rounding, block):
     enc = bfp.encode(x, cfg)
     assert torch.equal(bfp.decode(enc, cfg), q)
     assert enc.codes.dtype == torch.int8 and enc.codes.abs().max() <= 2 ** m - 1
-    b, _ = bfp._blocks(x, block)
-    _, _, _, grid = bfp._analyse(b, cfg)
-    step = bfp._step(grid, cfg).reshape(-1)[: x.numel()]
+    b, pad = bfp._blocks(x, block)
+    e1, e2, at = bfp._analyse(b, cfg)
+    grid = e2.unsqueeze(2).expand(b.shape).scatter(2, at.unsqueeze(2), e1.unsqueeze(2))
+    step = bfp._unblocks(bfp._pow2(grid, cfg, 1).float(), x.shape, pad).reshape(-1)
     err = (x - q).abs().reshape(-1).double()
     clamped = q.abs().reshape(-1) == (2 ** m - 1) * step  # nearest rounding clamped at the largest code
     if rounding == "truncate":

@@ -13,7 +13,8 @@ one included):
   input, ``m = 5``), and lets it be stored in the same ``m + 1`` bits;
 * ``standard``: every element on the grid of the largest exponent, step ``2^(E1 - m + 1)``.
 
-Rounding is truncation toward zero (the simulation's masking) or ``nearest`` (clamped to the largest code).
+Rounding is truncation toward zero (the simulation's masking) or ``nearest`` (half to even, clamped to the
+largest code).
 Error bound (tested): ``|x - Q(x)| < step`` (truncate) or ``<= step / 2`` (nearest) for every element, so in the
 standard variant ``|x - Q(x)| < 2^(1 - m) * max|block|``.
 
@@ -23,8 +24,9 @@ exponent field is 0 (zeros, fp32 subnormals) become zeros. Non-finite values pas
 a stored block holding one decodes to NaN (the training has diverged; the NaN is not hidden).
 
 :func:`encode` stores a block-quantised tensor in its real size: one signed ``int8`` code per element
-(``m <= 7``; ``int16`` up to 15), and per block the exponent fields ``E1``, ``E2`` (``uint8``) and, for flexblock,
-the position of the element of exponent ``E1`` (``uint8``): ``1 + 3 / block`` bytes per element at ``m = 5``.
+(``m <= 7``; ``int16`` up to 15; a partial block's padding is not stored), and per block the exponent field
+``E1`` (``uint8``) and, for flexblock, ``E2`` and the position of the element of exponent ``E1`` (``uint8``):
+``1 + 3 / block`` bytes per element at ``m = 5`` (standard: ``1 + 1 / block``).
 """
 
 from __future__ import annotations
@@ -62,73 +64,92 @@ class BFP:
 
 
 def _blocks(t: Tensor, block: int) -> tuple[Tensor, int]:
-    """``t`` (fp32, channels in dim 1) as ``(positions, blocks, block)``, zero-padded; and the pad width."""
-    x = t.movedim(1, -1)  # (..., C)
-    c = x.shape[-1]
-    pad = (-c) % block
+    """``t`` (channels in dim 1) as ``(N, blocks, block, rest)``, channels zero-padded to whole blocks (a view when
+    none is needed); and the pad width."""
+    x = t.reshape(t.shape[0], t.shape[1], -1)
+    pad = (-t.shape[1]) % block
     if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(-1, (c + pad) // block, block), pad
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.view(x.shape[0], -1, block, x.shape[2]), pad
 
 
 def _unblocks(b: Tensor, shape: torch.Size, pad: int) -> Tensor:
-    x = b.reshape(*shape[:1], *shape[2:], -1)
+    x = b.reshape(b.shape[0], -1, b.shape[3])
     if pad:
-        x = x[..., : x.shape[-1] - pad]
-    return x.movedim(-1, 1).reshape(shape)
+        x = x[:, : x.shape[1] - pad]
+    return x.reshape(shape)
 
 
-def _fields(b: Tensor) -> Tensor:
-    return (b.contiguous().view(torch.int32) >> 23) & 0xFF
+def _field(v: Tensor) -> Tensor:
+    """Exponent fields (int32) of fp32 values."""
+    return (v.contiguous().view(torch.int32) >> 23) & 0xFF
 
 
-def _analyse(b: Tensor, cfg: BFP) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per block: exponent fields E1, E2 (int32), the position of an element of exponent E1 (int64); and each
-    element's grid field (E1 for the elements of exponent E1, else E2)."""
-    e = _fields(b)
-    top = e.topk(2, dim=-1)
-    e1, e2, at = top.values[..., 0], top.values[..., 1], top.indices[..., 0]
+def _analyse(b: Tensor, cfg: BFP) -> tuple[Tensor, Tensor, Tensor]:
+    """Per block ``(N, blocks, rest)``: exponent fields E1 and E2 (int32) and the position of the largest
+    magnitude (int64), whose exponent is E1. E2 is the exponent of the second largest magnitude (of the multiset:
+    exponents grow with magnitudes), E1 for the standard variant."""
+    mag = b.abs()
+    top, at = mag.max(2, keepdim=True)
+    e1 = _field(top)
     if cfg.variant == "standard":
-        e2 = e1
-    grid = torch.where(e == e1.unsqueeze(-1), e1.unsqueeze(-1), e2.unsqueeze(-1))
-    return e1, e2, at, grid
+        return e1.squeeze(2), e1.squeeze(2), at.squeeze(2)
+    e2 = _field(mag.scatter_(2, at, -1.0).amax(2, keepdim=True).clamp_(min=0.0))
+    return e1.squeeze(2), e2.squeeze(2), at.squeeze(2)
 
 
-def _step(grid: Tensor, cfg: BFP) -> Tensor:
-    """The grid step ``2^(E - 127 - m + 1)`` of exponent fields ``grid`` (fp32; subnormal for tiny blocks)."""
-    return torch.pow(2.0, (grid - 127 - cfg.man_bits + 1).to(torch.float32))
+def _pow2(field: Tensor, cfg: BFP, sign: int) -> Tensor:
+    """``2^(sign * (E - 127 - m + 1))`` for exponent fields ``field``. Fields 0 (zero blocks, flushed anyway) and 255
+    (non-finite blocks, NaN anyway) are read as 127 so that fp32 suffices; float64 only for blocks of tiny normals
+    (``E < m``, magnitudes below 2^-122) whose inverse step would overflow fp32."""
+    field = torch.where((field == 0) | (field == 255), 127, field)
+    k = (field - 127 - cfg.man_bits + 1) * sign
+    dtype = torch.float32 if int(k.max()) < 127 else torch.float64
+    return torch.pow(2.0, k.to(dtype))
 
 
-def _codes(b: Tensor, grid: Tensor, cfg: BFP) -> Tensor:
-    """Signed integer codes of ``b`` on the grids of exponent fields ``grid``, ``|code| <= 2^m - 1``: the
-    significand shifted right, in integers (exact, no overflow for any fp32 exponent). Truncated, or rounded half
-    up (``nearest``) and clamped."""
-    bits = b.contiguous().view(torch.int32)
-    e = (bits >> 23) & 0xFF
-    sig = torch.where(e > 0, (bits & 0x7FFFFF) | (1 << 23), torch.zeros_like(bits))
-    shift = (grid - e + 24 - cfg.man_bits).clamp_(0, 31)  # >= 9: an element's exponent never exceeds its grid's
-    if cfg.rounding == "nearest":
-        sig = sig + (1 << (shift - 1))
-    q = (sig >> shift).clamp_(max=2 ** cfg.man_bits - 1)
-    return torch.where(bits < 0, -q, q)
+def _codes(b: Tensor, e1: Tensor, e2: Tensor, at: Tensor, cfg: BFP) -> Tensor:
+    """Integer-valued codes (float) ``|code| <= 2^m - 1``: every element on the E2 grid, the largest magnitude on the
+    E1 grid (the same grid when E1 == E2); truncated toward zero, or rounded half to even and clamped."""
+    top = 2.0 ** cfg.man_bits - 1
+    inv2 = _pow2(e2, cfg, -1).unsqueeze(2)
+    q = b.to(inv2.dtype) * inv2
+    q = q.trunc_() if cfg.rounding == "truncate" else q.round_()
+    q = q.clamp_(-top, top).masked_fill_((e2 == 0).unsqueeze(2), 0.0)  # zeros and fp32 subnormals flush
+    big = b.gather(2, at.unsqueeze(2)).to(inv2.dtype) * _pow2(e1, cfg, -1).unsqueeze(2)
+    big = big.trunc_() if cfg.rounding == "truncate" else big.round_()
+    big = big.clamp_(-top, top).masked_fill_((e1 == 0).unsqueeze(2), 0.0)
+    return q.scatter_(2, at.unsqueeze(2), big)
+
+
+def _values(codes: Tensor, e1: Tensor, e2: Tensor, at: Tensor, cfg: BFP) -> Tensor:
+    """fp32 values of codes ``(N, blocks, block, rest)``."""
+    v = codes.to(torch.float32) * _pow2(e2, cfg, 1).to(torch.float32).unsqueeze(2)
+    big = codes.gather(2, at.unsqueeze(2)).to(torch.float32) * _pow2(e1, cfg, 1).to(torch.float32).unsqueeze(2)
+    v = v.scatter_(2, at.unsqueeze(2), big)
+    special = e1 == 255  # a block holding inf or NaN
+    if bool(special.any()):
+        v = v.masked_fill(special.unsqueeze(2), float("nan"))
+    return v
 
 
 def quantize(t: Tensor, cfg: BFP) -> Tensor:
     """``t`` block-quantised (same shape and dtype; computed in fp32). Non-finite values pass through."""
-    x = t.to(torch.float32)
-    if x.dim() < 2:
+    if t.dim() < 2:
         raise ValueError(f"BFP blocks run along dimension 1; got a tensor of shape {tuple(t.shape)}")
+    x = t.to(torch.float32)
     b, pad = _blocks(x, cfg.block)
-    _, _, _, grid = _analyse(b, cfg)
-    q = _codes(b, grid, cfg).to(torch.float32) * _step(grid, cfg)
-    out = _unblocks(q, x.shape, pad)
-    out = torch.where(torch.isfinite(x), out, x)
+    e1, e2, at = _analyse(b, cfg)
+    out = _unblocks(_values(_codes(b, e1, e2, at, cfg), e1, e2, at, cfg), x.shape, pad)
+    if bool((e1 == 255).any()):
+        out = torch.where(torch.isfinite(x), out, x)
     return out if t.dtype == torch.float32 else out.to(t.dtype)
 
 
 @dataclasses.dataclass
 class Encoded:
-    """A BFP tensor at its stored size: codes (int8/int16), per-block exponent fields and positions (uint8)."""
+    """A BFP tensor at its stored size: codes (int8/int16) without the padding of a partial block, per-block
+    exponent fields and positions (uint8)."""
 
     codes: Tensor
     e1: Tensor
@@ -146,26 +167,22 @@ class Encoded:
 
 
 def encode(t: Tensor, cfg: BFP) -> Encoded:
-    """``t`` block-quantised and stored: :func:`decode` gives back exactly :func:`quantize`'s values. The codes of
-    a partial block's padding are not stored."""
+    """``t`` block-quantised and stored: :func:`decode` gives back exactly :func:`quantize`'s values."""
     b, pad = _blocks(t.to(torch.float32), cfg.block)
-    e1, e2, at, grid = _analyse(b, cfg)
-    codes = _codes(b, grid, cfg).reshape(b.shape[0], -1)
-    codes = codes[:, : codes.shape[1] - pad] if pad else codes
-    dtype = torch.int8 if cfg.man_bits <= 7 else torch.int16
-    flex = cfg.variant == "flexblock"
-    return Encoded(codes.to(dtype).contiguous(), e1.to(torch.uint8), e2.to(torch.uint8),
-                   at.to(torch.uint8) if flex else None, t.shape, pad)
+    e1, e2, at = _analyse(b, cfg)
+    codes = _codes(b, e1, e2, at, cfg).to(torch.int8 if cfg.man_bits <= 7 else torch.int16)
+    codes = codes.reshape(codes.shape[0], -1, codes.shape[3])
+    codes = codes[:, : codes.shape[1] - pad].contiguous() if pad else codes
+    if cfg.variant == "standard":  # one grid: no second exponent, no position
+        return Encoded(codes, e1.to(torch.uint8), None, None, t.shape, pad)
+    return Encoded(codes, e1.to(torch.uint8), e2.to(torch.uint8), at.to(torch.uint8), t.shape, pad)
 
 
 def decode(enc: Encoded, cfg: BFP) -> Tensor:
     """fp32 values of an :class:`Encoded` tensor."""
-    codes = torch.nn.functional.pad(enc.codes, (0, enc.pad)) if enc.pad else enc.codes
-    codes = codes.view(enc.e1.shape[0], enc.e1.shape[1], -1)
-    e1, e2 = enc.e1.to(torch.int32).unsqueeze(-1), enc.e2.to(torch.int32).unsqueeze(-1)
-    grid = e2.expand(codes.shape).clone()
-    if enc.at is not None:
-        grid.scatter_(-1, enc.at.to(torch.int64).unsqueeze(-1), e1)
-    values = codes.to(torch.float32) * _step(grid, cfg)
-    values = torch.where(e1 == 255, torch.full_like(values, float("nan")), values)  # a non-finite input: NaN
-    return _unblocks(values, enc.shape, enc.pad)
+    codes = torch.nn.functional.pad(enc.codes, (0, 0, 0, enc.pad)) if enc.pad else enc.codes
+    codes = codes.view(codes.shape[0], -1, cfg.block, codes.shape[2])
+    e1 = enc.e1.to(torch.int32)
+    e2 = e1 if enc.e2 is None else enc.e2.to(torch.int32)
+    at = torch.zeros_like(e1, dtype=torch.int64) if enc.at is None else enc.at.to(torch.int64)
+    return _unblocks(_values(codes, e1, e2, at, cfg), enc.shape, enc.pad)

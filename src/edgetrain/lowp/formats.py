@@ -100,21 +100,20 @@ def cast(t: Tensor, fmt: FPFormat, rounding: str = "truncate") -> Tensor:
         return t
     if rounding not in ROUNDINGS:
         raise ConfigError(f"rounding: expected one of {list(ROUNDINGS)}, got {rounding!r}")
-    x = t.to(torch.float32).contiguous()
-    bits = x.view(torch.int32)
-    sign = bits & _SIGN
-    mag = bits & 0x7FFFFFFF
+    bits = t.to(torch.float32).contiguous().view(torch.int32)
     drop = 23 - fmt.man_bits
+    mag = bits & 0x7FFFFFFF
     if rounding == "nearest" and drop > 0:
-        lsb = (mag >> drop) & 1
-        mag = mag + ((1 << (drop - 1)) - 1) + lsb  # round half to even; a carry moves into the exponent
-    mag = mag & ~((1 << drop) - 1)
-    special = (bits & 0x7F800000) == 0x7F800000  # inf and NaN keep their bits
-    e = (mag >> 23) - 127
+        mag += ((mag >> drop) & 1) + ((1 << (drop - 1)) - 1)  # round half to even; a carry moves into the exponent
+    mag &= ~((1 << drop) - 1)
     max_mag = ((fmt.emax + 127) << 23) | (_MAN & ~((1 << drop) - 1))
-    mag = torch.where(e < fmt.emin, torch.zeros_like(mag), mag)
-    mag = torch.where(e > fmt.emax, torch.full_like(mag, max_mag), mag)
-    out = torch.where(special, bits, sign | mag).view(torch.float32)
+    out = mag.clamp_(max=max_mag)  # overflow saturates
+    out.masked_fill_(out < ((fmt.emin + 127) << 23), 0)  # below the smallest normal: zero
+    out |= bits & _SIGN
+    special = (bits & 0x7F800000) == 0x7F800000  # inf and NaN keep their bits
+    if bool(special.any()):
+        out = torch.where(special, bits, out)
+    out = out.view(torch.float32)
     return out if t.dtype == torch.float32 else out.to(t.dtype)
 
 

@@ -141,8 +141,8 @@ def _store(x: Tensor, num: Numerics) -> tuple[Tensor, list[Tensor], object]:
 
 def _load(saved: list[Tensor], how: object, num: Numerics) -> Tensor:
     if isinstance(how, bfp.Encoded):
-        enc = dataclasses.replace(how, codes=saved[0], e1=saved[1], e2=saved[2],
-                                  at=saved[3] if how.at is not None else None)
+        names = [n for n in ("codes", "e1", "e2", "at") if getattr(how, n) is not None]
+        enc = dataclasses.replace(how, **dict(zip(names, saved)))
         return bfp.decode(enc, num.bfp_fwd)
     if how is not None:
         return decode(saved[0], num.fwd)
