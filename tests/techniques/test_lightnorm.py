@@ -200,3 +200,22 @@ def test_fp32_lightnorm_without_range_bn_is_plain_batch_norm_on_foreign_models(n
                    model=model)
     assert row["outcome"] == "works" and row["restored"], row
     assert row["grad_cosine"] > 1 - 1e-6 and row["grad_error"] < 1e-4, row
+
+
+@pytest.mark.parametrize("bfp_bits", [5, None])
+@pytest.mark.parametrize("act", [F.relu, F.silu])
+def test_in_place_activation_after_lightnorm_gives_the_gradients_of_an_out_of_place_one(bfp_bits, act):
+    """timm's blocks run ``act(bn(x), inplace=True)``: LightNorm's output must take an in-place op (its BFP output
+    was a view, which autograd refuses to modify in place) and backprop through it as through the copy."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 3, 3)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    num = et.LightNorm(bfp_bits=bfp_bits).numerics()
+    grads = []
+    for inplace in (True, False):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        y = act(_apply(xi, wi, bi, num), inplace=inplace)
+        y.square().sum().backward()
+        grads.append([t.grad for t in (xi, wi, bi)])
+    for g_in, g_out in zip(*grads):
+        torch.testing.assert_close(g_in, g_out, rtol=0, atol=0)
