@@ -159,9 +159,11 @@ def bench_row(model: torch.nn.Module, recipe: Recipe, batch, cfg, train_data, ev
     ex = recipe.execution
     opt = build_optimizer(model, cfg)
     fused = FusedStep(opt) if ex.fused_step else None
-    m = measure(model, batch, optimizer=fused or opt, warmup=1, repeats=repeats, micro=ex.micro_batches, bn=ex.bn)
-    if fused is not None:
-        fused.remove()
+    try:
+        m = measure(model, batch, optimizer=fused or opt, warmup=1, repeats=repeats, micro=ex.micro_batches, bn=ex.bn)
+    finally:
+        if fused is not None:
+            fused.remove()
     t0 = time.perf_counter()
     try:
         # already applied; an empty recipe with its name and execution labels the progress and runs the steps

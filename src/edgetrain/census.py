@@ -26,6 +26,7 @@ from torch._C._profiler import _EventType
 
 PHASES = ("forward", "loss", "backward", "optimizer")
 _PREFIX = "edgetrain::"
+_GRAD = _PREFIX + "grad:"
 
 
 @contextlib.contextmanager
@@ -33,6 +34,13 @@ def phase(name: str) -> Iterator[None]:
     """Mark a phase of the step (``forward``, ``loss``, ``backward``, ``optimizer``) for the census."""
     with torch.profiler.record_function(_PREFIX + name):
         yield
+
+
+def mark_gradient(g: torch.Tensor) -> None:
+    """A parameter's gradient hook: marks a moment at which ``g``, a gradient of the step, is alive, so that the
+    census tells its allocation from others the allocator places at the same address before or after."""
+    with torch.profiler.record_function(f"{_GRAD}{g.untyped_storage().data_ptr()}"):
+        pass
 
 
 @contextlib.contextmanager
@@ -60,6 +68,21 @@ class Census:
     events: list[Event]
     baseline: int
     ranges: list[tuple[str, int, int]]  # (phase, start, end) in time order (a phase recurs per micro-batch)
+    grad_marks: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # address -> times (mark_gradient)
+
+    def is_gradient(self, e: Event) -> bool:
+        """Whether allocation ``e`` held a gradient of the step: a :func:`mark_gradient` at its address falls within
+        its life (addresses alone mislead: a fused step frees each gradient and the allocator reuses the block)."""
+        marks = self.grad_marks.get(e.ptr)
+        if not marks:
+            return False
+        end = self._frees().get(e.alloc)
+        return any(e.time <= t and (end is None or t <= end) for t in marks)
+
+    def _frees(self) -> dict[int, int]:
+        if not hasattr(self, "_free_times"):
+            self._free_times = {e.alloc: e.time for e in self.events if e.size < 0}
+        return self._free_times
 
     @property
     def phase_ends(self) -> dict[str, int]:
@@ -135,7 +158,7 @@ def record(step: Callable[[], Any], baseline: int) -> Census:
     finally:
         with _quiet_native_stderr():
             prof.__exit__(None, None, None)
-    events, ranges = [], []
+    events, ranges, marks = [], [], {}
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
@@ -146,6 +169,8 @@ def record(step: Callable[[], Any], baseline: int) -> Census:
             if f.device.type != "cpu" or f.alloc_size == 0:
                 continue
             events.append(Event(node.start_time_ns, 0, f.ptr, f.alloc_size, *_context(node)))
+        elif node.name.startswith(_GRAD):
+            marks.setdefault(int(node.name[len(_GRAD):]), []).append(node.start_time_ns)
         elif node.name.startswith(_PREFIX) and not node.name.startswith(_PREFIX + "module:"):
             ranges.append((node.name[len(_PREFIX):], node.start_time_ns, node.end_time_ns))
     events.sort(key=lambda e: e.time)
@@ -161,4 +186,4 @@ def record(step: Callable[[], Any], baseline: int) -> Census:
         else:
             continue
         kept.append(e)
-    return Census(kept, baseline, sorted(ranges, key=lambda r: r[1]))
+    return Census(kept, baseline, sorted(ranges, key=lambda r: r[1]), marks)

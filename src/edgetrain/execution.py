@@ -23,6 +23,7 @@ step bit for bit); both change what it holds at its peak:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ from edgetrain.inputs import batch_size, call_model, map_tensors
 
 BN_POLICIES = ("micro", "frozen")
 FUSABLE = (torch.optim.SGD, torch.optim.AdamW, torch.optim.Adam)
+_OWNER = "_edgetrain_fused_step"  # a parameter's attribute: a weak reference to the FusedStep whose hook updates it
 
 
 class FusedStep:
@@ -44,6 +46,12 @@ class FusedStep:
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(optimizer, FUSABLE):
             raise ConfigError(f"FusedStep: {type(optimizer).__name__} is not supported (SGD, Adam, AdamW)")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                owner = getattr(p, _OWNER, lambda: None)()
+                if owner is not None and owner._hooks:  # its hook would step the parameter too
+                    raise ConfigError(f"FusedStep: a parameter of shape {tuple(p.shape)} is already updated by another "
+                                      "FusedStep; call that one's remove() first")
         self.inner = optimizer
         self.armed = True  # False while earlier micro-batches accumulate
         self._hooks = []
@@ -52,6 +60,7 @@ class FusedStep:
             for p in group["params"]:
                 self._group[p] = group
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._update))
+                setattr(p, _OWNER, weakref.ref(self))
 
     def _update(self, p: Tensor) -> None:
         if not self.armed or p.grad is None:
@@ -95,6 +104,9 @@ class FusedStep:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for p in self._group:
+            if getattr(p, _OWNER, lambda: None)() is self:
+                delattr(p, _OWNER)
 
 
 def slices(inputs: Any, target: Any, micro: int) -> Iterator[tuple[Any, Any, float]]:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetrain.census import phase, record
+from edgetrain.census import mark_gradient, phase, record
 from edgetrain.errors import ConfigError
 from edgetrain.execution import FusedStep, bn_policy, run_step, slices
 from edgetrain.inputs import call_model, logits, own_storage, split_batch, tensors
@@ -364,15 +364,14 @@ def measure(model: nn.Module, batch: Any,
             with phase("optimizer"):
                 optimizer.step()
 
-        grad_keys: set[int] = set()  # every gradient storage of the step (a fused step frees them as it goes)
-        grad_hooks = [p.register_hook(lambda g: grad_keys.add(storage_key(g))) for p in model.parameters()
-                      if p.requires_grad]
+        # every gradient of the step is marked while alive (a fused step frees them as it goes)
+        grad_hooks = [p.register_hook(mark_gradient) for p in model.parameters() if p.requires_grad]
         try:
             census = record(census_step, sum(static.bytes.values()))
         finally:
             for h in grad_hooks:
                 h.remove()
-        grad_keys |= {storage_key(p.grad) for p in model.parameters() if p.grad is not None}
+        grad_keys = {storage_key(p.grad) for p in model.parameters() if p.grad is not None}  # alive at the end
         split, hidden, where = _split(census, static, meters, grad_keys, model, loss_keys)
         times = []
         for _ in range(repeats):
@@ -462,13 +461,14 @@ def _split(census, static: _Static, meters: list[SavedTensorMeter], grads: set[i
     idx = census.peak_index
     where = ("", "")
     if idx >= 0:
+        freed = {e.alloc for e in census.events if e.size < 0}
         for alloc, e in census.live_at(idx).items():
             if alloc in saved_allocs:
                 cat = "saved"
             elif alloc in hidden_allocs:
                 cat = "hidden"
-            elif e.ptr in grads and e.phase == "backward":
-                cat = "gradients"  # allocated in the backward at the address of a gradient of the step
+            elif e.phase == "backward" and (census.is_gradient(e) or (e.ptr in grads and e.alloc not in freed)):
+                cat = "gradients"  # a gradient of the step: marked while alive, or a .grad alive at the end
             elif e.ptr in state:
                 cat = "state"  # e.g. a codec buffer (re)made in the step
             else:
