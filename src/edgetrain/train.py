@@ -203,6 +203,9 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     if ex.fused_step and config.max_grad_norm:
         raise ConfigError("train: the recipe's fused_step updates each parameter during the backward, so the global "
                           "gradient norm max_grad_norm needs is never there; drop one of the two")
+    if ex.fused_step and getattr(model, "clip_gradients", None) is not None:
+        raise ConfigError(f"train: {type(model).__name__} clips its gradients before each step, which the recipe's "
+                          "fused_step (updates during the backward) leaves no room for; drop fused_step")
     if ex.micro_batches > config.batch_size:
         raise ConfigError(f"train: the recipe asks for {ex.micro_batches} micro-batches, more than the batch size "
                           f"{config.batch_size}")
@@ -284,6 +287,9 @@ def _step(job: _Job, x: Tensor, y: Tensor, step: int) -> tuple[float, float]:
         bad = nonfinite((n, p.grad) for n, p in job.trainable)
         if bad:
             raise diverged(f"the gradient of {bad[0]} is {bad[1]}", step + 1, lr, run, " before the update")
+        clip = getattr(model, "clip_gradients", None)  # a training mode's own clipping (edgetrain.mebqat)
+        if clip is not None:
+            clip()
         if job.config.max_grad_norm:
             nn.utils.clip_grad_norm_([p for _, p in job.trainable], job.config.max_grad_norm)
 

@@ -129,15 +129,17 @@ def lsq_grid(kind: str, bits: int, act_grid: str = "faithful") -> tuple[int, int
     return 0, 2**bits if act_grid == "upstream" else 2**bits - 1
 
 
-def _dorefa_weight(w: Tensor, bits: int) -> Tensor:
+def _dorefa_weight(w: Tensor, bits: int, ste: bool = True) -> Tensor:
+    """The Yu21 weight; ``ste``: as a graph whose gradient is the straight-through one (for the backward), else
+    the exact grid values."""
     e = w.detach().abs().mean()  # E, detached (MEBQAT quant.py / Any-Precision)
     if bits == 1:
-        sign = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-        return w + (e * sign - w).detach()  # value E * sign(w), gradient 1
+        value = e * torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+        return w + (value - w).detach() if ste else value  # value E * sign(w), gradient 1
     k = 2**bits - 1
     t = torch.tanh(w)
     t = t / t.abs().max()  # [-1, 1]
-    u = ste_round((t + 1) / 2 * k) / k  # [0, 1] on K + 1 levels
+    u = (ste_round if ste else torch.round)((t + 1) / 2 * k) / k  # [0, 1] on K + 1 levels
     return (2 * u - 1) * e
 
 
@@ -149,7 +151,7 @@ class _DorefaWeight(torch.autograd.Function):
     def forward(ctx, w: Tensor, bits: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(w)
         ctx.bits = bits
-        return _dorefa_weight(w, bits)
+        return _dorefa_weight(w, bits, ste=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

@@ -18,8 +18,9 @@ from edgetrain.techniques.krona_block import KronABlock
 from edgetrain.techniques.lightnorm import LightNorm
 from edgetrain.techniques.lite_residual import LiteResidual
 from edgetrain.techniques.lora import LoRA
+from edgetrain.techniques.mebqat import MEBQAT
 from edgetrain.techniques.mobiletl import MobileTL
 from edgetrain.techniques.patch_execute import PatchExecute
 from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "FrozenChunks", "FrozenInference", "GradientFilter", "Int8", "Int8Frozen", "KronA", "KronABlock", "LightNorm", "LiteResidual", "LoRA", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]
+__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "FrozenChunks", "FrozenInference", "GradientFilter", "Int8", "Int8Frozen", "KronA", "KronABlock", "LightNorm", "LiteResidual", "LoRA", "MEBQAT", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]
