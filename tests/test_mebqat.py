@@ -334,3 +334,204 @@ def test_config_round_trip_and_no_layer_refusal():
     two = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     with pytest.raises(et.ConfigError, match="besides the first and the last"):
         et.apply_(two, et.MEBQAT(), torch.randn(2, 1, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------ review findings
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, 2))
+
+
+def test_lsq_input_with_negatives_uses_the_signed_grid_from_its_first_call():
+    q = FakeQuant("lsq", "act", (4,), bits=4)
+    x = torch.tensor([-1.0, -0.5, 0.5, 1.0])
+    first, second = q(x), q(x)
+    assert bool(q.signed) and torch.equal(first, second) and bool((first < 0).any())
+
+
+def test_per_bitwidth_steps_train_in_the_training_mode():
+    """Several bit widths first used in one graph: initialising a step must not break the others' backward."""
+    net = _mlp()
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    et.apply_(net, et.MEBQAT(method="lsq", weight_bits=None, act_bits=None, step_sizes="per_bitwidth"), x)
+    mode = MEBQATTraining(net).train()
+    torch.manual_seed(0)
+    mode.training_loss(mode(x), y).backward()
+    steps = [q.step for q in quantizers(net)]
+    assert all(s.grad is not None and bool(torch.isfinite(s.grad).all()) for s in steps)
+
+
+class _ScaledLinear(nn.Linear):
+    """A layer that computes the weight it uses (as weight standardisation does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * 1.0, self.bias)
+
+
+def test_a_layer_computing_its_weight_is_quantized_and_refused_by_the_integer_export(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), _ScaledLinear(8, 8), nn.ReLU(), _ScaledLinear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 2))
+    x = torch.rand(4, 8)
+    with torch.no_grad():
+        plain = net(x)
+    et.apply_(net, et.MEBQAT(weight_bits=32, act_bits=32), x)
+    set_bits(net, 1, 1)
+    with torch.no_grad():
+        assert not torch.allclose(net(x), plain)  # the computed weights were quantized
+    with pytest.raises(et.ConfigError, match="computes the weight it uses"):
+        export_integer(net, tmp_path / "m.safetensors", 1)
+
+
+def test_a_model_whose_layers_are_never_reached_is_refused():
+    class Parent(nn.Module):  # the parent computes from the child's weight and calls the op itself
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            x = self.a(x).relu()
+            x = F.linear(x, self.b.weight * 2.0, self.b.bias).relu()
+            return self.c(x)
+
+    with pytest.raises(et.ConfigError, match="found nothing to act on"):
+        et.apply_(Parent(), et.MEBQAT(targets=["b"]), torch.randn(2, 8))
+
+
+def test_set_bits_reaches_every_layer_of_a_model_with_a_model_attribute():
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.proj, self.head = _mlp(), nn.Linear(2, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return self.head(torch.relu(self.proj(self.model(x))))
+
+    m = Wrap()
+    et.apply_(m, et.MEBQAT(weight_bits=8, act_bits=8), torch.rand(2, 8), check=False)
+    assert set_bits(m, 2, 2) == 2 * len(quantized_layers(m))
+    assert all(q.bits == 2 for q in quantizers(m))
+
+
+def test_outer_step_keeps_per_layer_bits_and_the_caller_s_mode():
+    net = _mlp()
+    x, y = torch.rand(16, 8), torch.randint(0, 2, (16,))
+    et.apply_(net, et.MEBQAT(weight_bits=4, act_bits=4), x)
+    first = quantized_layers(net)["2"].mebqat_weight
+    first.set_bits(8)
+    before = [q.bits for q in quantizers(net)]
+    outer = MEBQATTraining(net).eval()
+    outer.step(x, y, torch.optim.SGD(net.parameters(), lr=0.1))
+    assert [q.bits for q in quantizers(net)] == before
+    assert not any(m.training for m in outer.modules())
+
+
+def test_teacher_pass_leaves_batch_norm_statistics_to_the_subtasks():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 2, (8,))
+    et.apply_(net, et.MEBQAT(weight_bits=None, act_bits=None), x)
+    outer = MEBQATTraining(net, guaranteed=[(1, 1), (2, 2)], subtasks=2)  # no (FP, FP): a separate teacher pass
+    bn = net[1]
+    outer.step(x, y, torch.optim.SGD(net.parameters(), lr=0.0))
+    assert int(bn.num_batches_tracked) == 2  # the two subtasks, not the teacher
+
+
+def test_dorefa_on_an_all_zero_weight_is_zero_not_nan():
+    w = torch.zeros(4, 4, requires_grad=True)
+    out = dorefa_weight(w, 3)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(4, 4)) and bool(torch.isfinite(w.grad).all())
+
+
+def test_recipe_targets_are_quantized_as_given():
+    net = _mlp()
+    h = et.apply_(net, et.Recipe(techniques=(et.MEBQAT(),), targets=("0", "2", "6")), torch.rand(2, 8))
+    assert sorted(quantized_layers(net)) == ["0", "2", "6"]
+    h.remove()
+
+
+def test_a_tied_weight_used_by_a_layer_that_is_not_a_target_is_not_quantized():
+    net = _mlp()
+    net[4].weight = net[2].weight  # tied
+    x = torch.rand(4, 8)
+    et.apply_(net, et.MEBQAT(weight_bits=32, act_bits=32, targets=["2"]), x)
+    set_bits(net, 1, 1)
+    seen = []
+    net[4].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    net[4].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        net(x)
+    torch.testing.assert_close(seen[1], F.linear(seen[0], net[2].weight, net[4].bias), rtol=0, atol=0)
+
+
+def test_input_passed_by_keyword_is_quantized():
+    class KW(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(input=x, weight=self.weight, bias=self.bias)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), KW(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.rand(4, 8)
+    et.apply_(net, et.MEBQAT(weight_bits=32, act_bits=32), x)
+    set_bits(net, 2, 2)
+    seen = []
+    net[2].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    net[2].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        net(x)
+    q = quantized_layers(net)["2"]
+    want = F.linear(q.mebqat_input(seen[0]), q.mebqat_weight(net[2].weight), net[2].bias)
+    torch.testing.assert_close(seen[1], want, rtol=0, atol=0)
+
+
+def test_load_integer_refuses_damaged_and_mismatched_files_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = _model(et.MEBQAT(weight_bits=4, act_bits=4))
+    m.eval()(tiny_batch()[0])
+    good = tmp_path / "m.safetensors"
+    export_integer(m, good, 4)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "short.safetensors").write_bytes(good.read_bytes()[:200])
+    other = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 6 * 6, 10))
+    cases = [(tmp_path / "junk.safetensors", TinyConvNet(), "not a readable safetensors file"),
+             (tmp_path / "short.safetensors", TinyConvNet(), "not a readable safetensors file"),
+             (tmp_path / "missing.safetensors", TinyConvNet(), "does not exist"),
+             (good, other, "load_integer:")]
+    tensors = load_file(good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    cut = {k: (v[:3] if k.endswith(".weight.codes") else v) for k, v in tensors.items()}
+    save_file(cut, str(tmp_path / "cut.safetensors"), metadata=meta)
+    cases.append((tmp_path / "cut.safetensors", TinyConvNet(), "truncated"))
+    save_file(tensors, str(tmp_path / "meta.safetensors"), metadata={"edgetrain.intexport": "{not json"})
+    cases.append((tmp_path / "meta.safetensors", TinyConvNet(), "corrupt export metadata"))
+    for path, skeleton, match in cases:
+        with pytest.raises(et.ConfigError, match=match) as e:
+            load_integer(path, skeleton)
+        assert "\n" not in str(e.value), path
+
+
+def test_run_time_bit_widths_must_be_ints_and_subtasks_are_checked_at_construction():
+    m = _model(et.MEBQAT(weight_bits=4, act_bits=4))
+    with pytest.raises(et.ConfigError, match="must be an int"):
+        set_bits(m, 4.0, 4)
+    with pytest.raises(et.ConfigError, match="subtasks must be an int >= 2"):
+        MEBQATTraining(m, subtasks=1)
+
+
+def test_accuracy_limit_counts_samples():
+    from edgetrain.data import load_data
+    from edgetrain.mebqat import accuracy
+
+    data = load_data("digits", "test", channels=1, image_size=8)
+    calls = []
+    model = TinyConvNet(num_classes=data.num_classes).eval()
+    model.register_forward_pre_hook(lambda mod, a: calls.append(len(a[0])))
+    accuracy(model, data, batch_size=64, limit=10)
+    assert sum(calls) == 10

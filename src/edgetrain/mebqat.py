@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetrain.errors import ConfigError
-from edgetrain.lowp.fakequant import FP, get_bits, quantizers, set_bits
+from edgetrain.lowp.fakequant import FP, bit_state, quantizers, restore_bits, set_bits
 
 SUBTASKS = 4  #: INNER_Q_SUBTASKS of the paper's example configs
 CLAMP = 10.0  #: element-wise gradient clamp of phase1.py (``torch.clamp(..., min=-10.0, max=10.0)``)
@@ -112,6 +112,9 @@ class MEBQATTraining(nn.Module):
             raise ConfigError(f"MEBQAT: clamp must be > 0 or None, got {clamp!r}")
         self.net, self.subtasks, self.kd, self.clamp = net, subtasks, bool(kd), clamp
         self.guaranteed = None if guaranteed is None else [tuple(p) for p in guaranteed]
+        fixed = 2 if guaranteed is None else len(self.guaranteed)
+        if not isinstance(subtasks, int) or isinstance(subtasks, bool) or subtasks < fixed:
+            raise ConfigError(f"MEBQAT: subtasks must be an int >= {fixed} (the guaranteed pairs), got {subtasks!r}")
         self.last_subtasks: list[tuple[int, int]] = []
         for attr in ("block_names", "classifier_name"):  # the structure edgetrain derives, in the wrapper's names
             value = getattr(net, attr, None)
@@ -132,18 +135,18 @@ class MEBQATTraining(nn.Module):
 
     @contextlib.contextmanager
     def _restoring_bits(self) -> Iterator[None]:
-        before = get_bits(self.net)
+        before = bit_state(self.net)  # each quantizer's own width (a per-layer setting survives the step)
         try:
             yield
         finally:
-            set_bits(self.net, *before)
+            restore_bits(before)
 
     def _teacher(self, x: Tensor, tasks: list[tuple[int, int]], fp_logits: Tensor | None) -> Tensor | None:
         if not self.kd or all(t == (FP, FP) for t in tasks):
             return None
         if fp_logits is None:  # no (FP, FP) subtask this step: a full-precision pass without a graph
             set_bits(self.net, FP, FP)
-            with torch.no_grad():
+            with torch.no_grad(), batch_statistics(self.net):  # a target, not a training pass: running stats kept
                 fp_logits = self.net(x)
         return F.softmax(fp_logits.detach(), 1)
 
@@ -174,8 +177,17 @@ class MEBQATTraining(nn.Module):
                 p.grad.clamp_(-self.clamp, self.clamp)
 
     def step(self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer) -> float:
-        """One outer step in a Python loop, one backward per subtask; returns the mean subtask loss."""
-        self.train()
+        """One outer step in a Python loop, one backward per subtask; returns the mean subtask loss. Runs in train
+        mode and leaves every module in the mode it had."""
+        modes = {m: m.training for m in self.modules()}
+        try:
+            self.train()
+            return self._step(x, y, optimizer)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+
+    def _step(self, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer) -> float:
         optimizer.zero_grad(set_to_none=True)
         tasks = self.sample()
         total = 0.0
@@ -267,6 +279,8 @@ def accuracy(model: nn.Module, data, batch_size: int = 256, limit: int | None = 
     for x, y in data.batches(batch_size, shuffle=False, drop_last=False):
         if limit is not None and total >= limit:
             break
+        if limit is not None and total + len(y) > limit:
+            x, y = x[: limit - total], y[: limit - total]
         correct += int((model(x).argmax(1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -285,7 +299,7 @@ def evaluate_bitwidths(model: nn.Module, data, bits: Sequence[int] = EVAL_BITS, 
         raise ConfigError("evaluate_bitwidths: bn='recalibrate' needs calib_data (training samples)")
     net = model.net if isinstance(model, MEBQATTraining) else model
     cands = set(quantizers(net)[0].candidates) | {FP} if quantizers(net) else {FP}
-    before_bits = get_bits(net)
+    before_bits = bit_state(net)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     modes = {m: m.training for m in net.modules()}
     out: dict[int, float | None] = {}
@@ -306,8 +320,7 @@ def evaluate_bitwidths(model: nn.Module, data, bits: Sequence[int] = EVAL_BITS, 
         net.load_state_dict(state)
         for m, mode in modes.items():
             m.training = mode
-        if quantizers(net):
-            set_bits(net, *before_bits)
+        restore_bits(before_bits)
     return out
 
 

@@ -138,7 +138,7 @@ def _dorefa_weight(w: Tensor, bits: int, ste: bool = True) -> Tensor:
         return w + (value - w).detach() if ste else value  # value E * sign(w), gradient 1
     k = 2**bits - 1
     t = torch.tanh(w)
-    t = t / t.abs().max()  # [-1, 1]
+    t = t / t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)  # [-1, 1]; an all-zero weight stays 0 (not 0/0)
     u = (ste_round if ste else torch.round)((t + 1) / 2 * k) / k  # [0, 1] on K + 1 levels
     return (2 * u - 1) * e
 
@@ -199,6 +199,7 @@ class FakeQuant(nn.Module):
                               f"{list(candidates)}")
         self.bits = FP
         self.set_bits(bits)
+        self.computed = False  # set when a layer's forward quantizes a weight it computes (not its parameter)
         if method == "lsq":
             slots = 1 if step_sizes == "shared" else len(self.candidates)
             self.step = nn.Parameter(torch.ones(slots))
@@ -208,6 +209,8 @@ class FakeQuant(nn.Module):
     def check_bits(self, bits: int | None) -> int:
         """``bits`` as an int (``None`` -> 32), or a one-line ConfigError outside the candidate set."""
         b = as_bits(bits)
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise ConfigError(f"a bit width must be an int (or None: full precision), got {bits!r}")
         if b != FP and b not in self.candidates:
             raise ConfigError(f"{b}-bit is not a candidate bit width of this MEBQAT model "
                               f"({', '.join(map(str, self.candidates))} or 32 = full precision)")
@@ -233,9 +236,12 @@ class FakeQuant(nn.Module):
             if x is None:
                 raise ConfigError(f"FakeQuant: the {bits}-bit LSQ step has not been initialised (run data through "
                                   "the model at that bit width first)")
-            with torch.no_grad():
-                self.step[i] = (2 * x.detach().abs().mean() / math.sqrt(self.grid(bits)[1])).clamp_min(MIN_STEP)
-                self.initialized[i] = True
+            init = (2 * x.detach().abs().mean() / math.sqrt(self.grid(bits)[1])).clamp_min(MIN_STEP)
+            # through .data: slot i has never been used, but another slot's view may be saved by a graph still
+            # alive (a training mode running several bit widths before one backward): an in-place write to the
+            # parameter would fail that backward's version check
+            self.step.data[i] = init
+            self.initialized[i] = True
         return self.step[i]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -244,8 +250,9 @@ class FakeQuant(nn.Module):
             return x
         if self.method == "dorefa":
             return dorefa_weight(x, b) if self.kind == "weight" else dorefa_act(x, b)
+        step = self.step_at(b, x)  # first: on the first input it decides whether the grid is signed
         n, p = self.grid(b)
-        return lsq(x, self.step_at(b, x), n, p)
+        return lsq(x, step, n, p)
 
     def extra_repr(self) -> str:
         return f"{self.method}, {self.kind}, bits={self.bits}, candidates={self.candidates}"
@@ -256,11 +263,19 @@ def quantizers(model: nn.Module) -> list[FakeQuant]:
     return [m for m in model.modules() if isinstance(m, FakeQuant)]
 
 
+def _model(model_or_handle) -> nn.Module:  # noqa: ANN001
+    """The model of an :func:`edgetrain.apply_` handle, or the model itself (a module's own ``.model`` attribute,
+    e.g. a Hugging Face ``*ForCausalLM``'s, is part of it, not it)."""
+    from edgetrain.apply import Applied
+
+    return model_or_handle.model if isinstance(model_or_handle, Applied) else model_or_handle
+
+
 def set_bits(model_or_handle, w_bits: int | None, a_bits: int | None) -> int:  # noqa: ANN001
     """Set every weight quantizer of a model (or of an :func:`edgetrain.apply_` handle's model) to ``w_bits`` and
     every input quantizer to ``a_bits`` (``None`` or 32: full precision); returns how many were set. A bit width
     outside a quantizer's candidates is a one-line :class:`~edgetrain.ConfigError` and changes nothing."""
-    model = getattr(model_or_handle, "model", model_or_handle)
+    model = _model(model_or_handle)
     qs = quantizers(model)
     if not qs:
         raise ConfigError(f"set_bits: {type(model).__name__} has no fake quantizers (apply MEBQAT first)")
@@ -273,7 +288,17 @@ def set_bits(model_or_handle, w_bits: int | None, a_bits: int | None) -> int:  #
 
 def get_bits(model: nn.Module) -> tuple[int, int]:
     """``(weight bits, input bits)`` of the model's quantizers (the first of each kind; 32 when none)."""
-    qs = quantizers(getattr(model, "model", model))
+    qs = quantizers(_model(model))
     w = next((q.bits for q in qs if q.kind == "weight"), FP)
     a = next((q.bits for q in qs if q.kind == "act"), FP)
     return w, a
+
+
+def bit_state(model: nn.Module) -> dict[FakeQuant, int]:
+    """Each quantizer's bit width (a snapshot that :func:`restore_bits` puts back, per-layer widths included)."""
+    return {q: q.bits for q in quantizers(_model(model))}
+
+
+def restore_bits(state: dict[FakeQuant, int]) -> None:
+    for q, b in state.items():
+        q.bits = b

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from edgetrain.compress.bitpack import pack_bits, unpack_bits
 from edgetrain.errors import ConfigError
-from edgetrain.lowp.fakequant import FP, FakeQuant, get_bits, set_bits
+from edgetrain.lowp.fakequant import FP, FakeQuant, bit_state, restore_bits, set_bits
 from edgetrain.ops import Call, Undo, intercept, register_state
 from edgetrain.techniques._frozen import conv_args, explicit_padding
 
@@ -78,7 +78,7 @@ def layer_codes(layer: nn.Module, bits: int) -> tuple[Tensor, float, int, int]:
     if bits == 1:
         return (w >= 0).long(), e, 2, -1
     t = torch.tanh(w)
-    t = t / t.abs().max()
+    t = t / t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)  # as fakequant._dorefa_weight
     return torch.round((t + 1) / 2 * k).long(), e / k, 2, -k
 
 
@@ -118,7 +118,11 @@ def export_integer(model: nn.Module, path: str | Path, w_bits: int, a_bits: int 
         raise ConfigError(f"export_integer: {type(net).__name__} has no MEBQAT-quantized layer")
     if w_bits == FP or w_bits is None:
         raise ConfigError("export_integer: w_bits must be a quantized bit width (1..16), not full precision")
-    before = get_bits(net)
+    computed = [n for n, layer in layers.items() if _wq(layer).computed]
+    if computed:
+        raise ConfigError(f"export_integer: layer {computed[0]!r} computes the weight it uses in its forward (from "
+                          "its parameters): its quantized weight is not a function of the stored one alone")
+    before = bit_state(net)
     set_bits(net, w_bits, a_bits)  # validates both against the candidates
     try:
         tensors, meta, ideal = {}, {}, 0
@@ -132,7 +136,7 @@ def export_integer(model: nn.Module, path: str | Path, w_bits: int, a_bits: int 
                 if ".mebqat_" not in k and not (k.endswith(".weight") and k[:-len(".weight")] in layers)}
         save_file({**tensors, **rest}, str(path), metadata={"edgetrain.intexport": json.dumps(meta)})
     finally:
-        set_bits(net, *before)
+        restore_bits(before)
     plain = {k: v.detach().float().contiguous() if v.is_floating_point() else v.detach().contiguous()
              for k, v in net.state_dict().items() if ".mebqat_" not in k}
     with tempfile.TemporaryDirectory() as d:
@@ -196,18 +200,19 @@ def load_integer(path: str | Path, skeleton: nn.Module) -> Undo:
     inference model of the file at ``path``, in place: the float tensors are loaded, the quantized layers' float
     weights replaced by empty placeholders and their calls computed from the packed codes. Returns the handle
     (``remove()`` takes the handlers off; the weights stay empty)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("edgetrain.intexport", "null") or "null")
-        if meta is None:
-            raise ConfigError(f"load_integer: {path} was not written by export_integer")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _read(path)
     modules = dict(skeleton.named_modules())
     missing = [n for n in meta if n not in modules or not isinstance(getattr(modules[n], "weight", None), Tensor)]
     if missing:
         raise ConfigError(f"load_integer: the model has no layer {missing[0]!r} with a weight (another architecture?)")
+    for n, m in meta.items():
+        _check_layer(path, n, m, tensors, tuple(modules[n].weight.shape))
     rest = {k: v for k, v in tensors.items() if not k.endswith(".weight.codes")}
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    wrong = [k for k, v in rest.items() if k in shapes and tuple(v.shape) != shapes[k]]
+    if wrong:
+        raise ConfigError(f"load_integer: {path} does not fit {type(skeleton).__name__}: {wrong[0]} has shape "
+                          f"{tuple(rest[wrong[0]].shape)} in the file, {shapes[wrong[0]]} in the model")
     result = skeleton.load_state_dict(rest, strict=False)
     want = {f"{n}.weight" for n in meta}
     if set(result.missing_keys) != want or result.unexpected_keys:
@@ -222,3 +227,51 @@ def load_integer(path: str | Path, skeleton: nn.Module) -> Undo:
     intercept(skeleton, ("conv1d", "conv2d", "conv3d", "linear"), _handler(layers), undo, first=True)
     register_state(skeleton, lambda: [r.data for r in layers.values()], undo)
     return undo
+
+
+def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(layer records, tensors) of an export file; a file that is not one is a one-line ConfigError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("edgetrain.intexport")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise ConfigError(f"load_integer: {path} does not exist") from None
+    except Exception as e:  # safetensors' own errors (truncated, not safetensors)
+        raise ConfigError(f"load_integer: {path} is not a readable safetensors file "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if raw is None:
+        raise ConfigError(f"load_integer: {path} was not written by export_integer")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"load_integer: {path} has corrupt export metadata ({e.msg} at character {e.pos})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"load_integer: {path} has corrupt export metadata (not a mapping of layers)")
+    return meta, tensors
+
+
+def _check_layer(path: str | Path, name: str, m: Any, tensors: dict[str, Tensor], shape: tuple[int, ...]) -> None:
+    """One layer's record against the file's codes and the model's layer: a one-line ConfigError on a mismatch."""
+    keys = ("shape", "bits", "scale", "mult", "offset", "input")
+    if not isinstance(m, dict) or any(k not in m for k in keys):
+        raise ConfigError(f"load_integer: {path}: layer {name!r} has an incomplete record (needs {', '.join(keys)})")
+    if tuple(m["shape"]) != shape:
+        raise ConfigError(f"load_integer: {path}: layer {name!r} has shape {tuple(m['shape'])} in the file, {shape} "
+                          "in the model (another architecture?)")
+    bits, spec = m["bits"], m["input"]
+    if not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ConfigError(f"load_integer: {path}: layer {name!r} has an invalid bit width {bits!r}")
+    if not isinstance(spec, dict) or spec.get("method") not in ("lsq", "dorefa") or \
+            (spec.get("method") == "lsq" and spec.get("bits") != FP and any(k not in spec for k in ("step", "n", "p"))):
+        raise ConfigError(f"load_integer: {path}: layer {name!r} has an invalid input record {spec!r}")
+    data = tensors.get(f"{name}.weight.codes")
+    if data is None:
+        raise ConfigError(f"load_integer: {path} has no codes for layer {name!r}")
+    c, numel = container_bits(bits), math.prod(shape)
+    need = numel if c == 16 else math.ceil(numel * c / 8)
+    if data.numel() < need:
+        raise ConfigError(f"load_integer: {path}: the codes of layer {name!r} are truncated ({data.numel()} "
+                          f"elements, {need} needed)")
