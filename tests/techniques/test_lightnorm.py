@@ -27,6 +27,8 @@ def _reference_range_bn(x: torch.Tensor, weight, bias, k: int, scale: str, eps: 
         n = v.numel()
         kk = max(1, min(k, n // 2))
         size = -(-n // kk)
+        while n > 1 and n % size == 1:  # no one-value last chunk (tested on its own below)
+            size += 1
         parts = list(torch.split(v, size))
         hi = torch.stack([p.max() for p in parts]).mean()
         lo = torch.stack([p.min() for p in parts]).mean()
@@ -219,3 +221,92 @@ def test_in_place_activation_after_lightnorm_gives_the_gradients_of_an_out_of_pl
         grads.append([t.grad for t in (xi, wi, bi)])
     for g_in, g_out in zip(*grads):
         torch.testing.assert_close(g_in, g_out, rtol=0, atol=0)
+
+
+def test_chunks_never_hold_a_single_value_and_never_exceed_k():
+    from edgetrain.lowp.norm import chunks
+
+    for n in range(2, 400):
+        for k in range(1, 17):
+            got, size = chunks(n, k)
+            sizes = [min(size, n - i * size) for i in range(got)]
+            assert got <= k and sum(sizes) == n and min(sizes) >= 2, (n, k, sizes)
+
+
+def _lightnorm_nodes(t: torch.Tensor) -> list:
+    seen, stack, found = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "LightNormFunctionBackward":
+            found.append(node)
+        stack.extend(f for f, _ in node.next_functions)
+    return found
+
+
+def test_what_bn_stores_lives_only_in_saved_tensors():
+    """ctx attributes hold the layout, not the payload: after backward nothing of the stored input is left."""
+    import dataclasses
+
+    model = tiny_model(0)
+    x, y = tiny_batch()
+    et.apply_(model, et.LightNorm(), x)
+    out = model.train()(x)
+    nodes = _lightnorm_nodes(out)
+    assert nodes
+    for node in nodes:
+        layout = node.how[0]
+        assert not any(isinstance(v, torch.Tensor) for v in dataclasses.asdict(layout).values())
+
+
+def test_half_precision_models_run_lightnorm_in_fp32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.BatchNorm2d(8)).to(torch.bfloat16)
+    x = torch.randn(4, 3, 8, 8).bfloat16()
+    with torch.no_grad():
+        stock = model.train()(x)
+    h = et.apply_(model, et.LightNorm(), x)
+    out = model.train()(x)
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out.float()).all())
+    assert not torch.equal(out, stock) and h.parts[0][1].hits > 0
+    out.float().square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_batch_norm_without_running_statistics_is_stock_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1),
+                          nn.BatchNorm2d(8, track_running_stats=False))
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        stock = model.eval()(x)
+    et.apply_(model, et.LightNorm(), x)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), stock)
+        assert not torch.equal(model.train()(x), stock)  # in training it is LightNorm's
+
+
+def test_a_module_calling_batch_norm_with_its_own_parameter_names():
+    class FB(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.w, self.b = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.zeros(4))
+            self.register_buffer("rm", torch.zeros(4))
+            self.register_buffer("rv", torch.ones(4))
+
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return F.batch_norm(self.conv(x), self.rm, self.rv, self.w, self.b, self.training, 0.1, 1e-5)
+
+    torch.manual_seed(0)
+    model, x = FB(), torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        stock = FB()
+        stock.load_state_dict(model.state_dict())
+        ref = stock.train()(x)
+    h = et.apply_(model, et.LightNorm(), x)
+    out = model.train()(x)
+    assert h.parts[0][1].hits > 0 and not torch.equal(out, ref)

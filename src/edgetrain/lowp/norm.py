@@ -107,9 +107,12 @@ def channels_back(x2: Tensor, like: Tensor) -> Tensor:
 
 
 def chunks(n: int, k: int) -> tuple[int, int]:
-    """``(K, chunk size)`` actually used for ``n`` values per channel: ``K`` lowered to keep chunks of >= 2 values."""
+    """``(K, chunk size)`` actually used for ``n`` values per channel: ``K`` lowered to keep chunks of >= 2 values
+    (the last chunk, shorter when ``K`` does not divide ``n``, included: a one-value chunk has range 0)."""
     k = max(1, min(k, n // 2))
     size = -(-n // k)
+    while n > 1 and n % size == 1:  # the last chunk would hold one value: larger chunks, fewer of them
+        size += 1
     return -(-n // size), size  # no chunk made of padding only
 
 
@@ -139,10 +142,15 @@ def _store(x: Tensor, num: Numerics) -> tuple[Tensor, list[Tensor], object]:
     return xc, [xc], None
 
 
+def _fields(enc: bfp.Encoded) -> tuple[str, ...]:
+    """The payload fields an encoding holds, in the order :meth:`bfp.Encoded.tensors` lists them."""
+    return tuple(n for n in ("codes", "e1", "e2", "at") if getattr(enc, n) is not None)
+
+
 def _load(saved: list[Tensor], how: object, num: Numerics) -> Tensor:
-    if isinstance(how, bfp.Encoded):
-        names = [n for n in ("codes", "e1", "e2", "at") if getattr(how, n) is not None]
-        enc = dataclasses.replace(how, **dict(zip(names, saved)))
+    if isinstance(how, tuple) and how and isinstance(how[0], bfp.Encoded):  # a BFP layout without its payload
+        layout, fields = how
+        enc = dataclasses.replace(layout, **dict(zip(fields, saved)))
         return bfp.decode(enc, num.bfp_fwd)
     if how is not None:
         return decode(saved[0], num.fwd)
@@ -198,6 +206,8 @@ class LightNormFunction(torch.autograd.Function):
         y = num.f(y)
         if num.bfp_fwd is not None:
             y = bfp.quantize(y, num.bfp_fwd)
+        if isinstance(how, bfp.Encoded):  # ctx keeps the layout only: the payload lives (and dies) in saved_tensors
+            how = (dataclasses.replace(how, codes=None, e1=None, e2=None, at=None), _fields(how))
         ctx.how, ctx.num, ctx.n_stored = how, num, len(stored)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.save_for_backward(*stored, mu_c, s_c, *([g] if g is not None else []), *extremes)

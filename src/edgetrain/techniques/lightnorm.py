@@ -107,19 +107,31 @@ class LightNorm(Technique):
                         bfp, grad, self.range_bn, self.num_chunks, self.scale)
 
 
-def lightnorm_handler(weights: set[int], num: Numerics):  # noqa: ANN201
-    """Handler: training-mode ``batch_norm`` calls whose weight is in ``weights`` run LightNorm's BN."""
+def lightnorm_handler(weights: set[int], num: Numerics, modules: dict[str, nn.Module] | None = None):  # noqa: ANN201
+    """Handler: training-mode ``batch_norm`` calls whose weight is in ``weights`` run LightNorm's BN (``modules``:
+    the model's modules by name, so that a call made in eval mode by a BatchNorm without running statistics, which
+    torch makes with ``training=True``, stays the stock op)."""
 
     def handle(call: Call):  # noqa: ANN202
         x, w = call.args[0], call.arg(3, "weight")
-        if id(w) not in weights or not call.arg(5, "training", False) or x.dtype not in (torch.float32, torch.float64):
+        if id(w) not in weights or not call.arg(5, "training", False) or not x.is_floating_point():
             return NotImplemented  # eval mode: the stock op on the running statistics
+        caller = (modules or {}).get(call.module)
+        if caller is not None and not caller.training:
+            return NotImplemented  # eval mode of a BatchNorm that has no running statistics
         if not w.requires_grad and call.arg(1, "running_mean") is not None:
             return NotImplemented  # frozen by another technique (its no-save affine op, or stock)
         if x.numel() // x.shape[1] < 2:
             return NotImplemented  # one value per channel: the stock op raises its own error
-        return lightnorm_batch_norm(x, call.arg(1, "running_mean"), call.arg(2, "running_var"), w,
-                                    call.arg(4, "bias"), call.arg(6, "momentum", 0.1), call.arg(7, "eps", 1e-5), num)
+        args = (call.arg(1, "running_mean"), call.arg(2, "running_var"), w, call.arg(4, "bias"),
+                call.arg(6, "momentum", 0.1), call.arg(7, "eps", 1e-5), num)
+        if x.dtype in (torch.float32, torch.float64):
+            return lightnorm_batch_norm(x, *args)
+        # bfloat16/float16 (a half model, autocast): the emulation's bit manipulation is of fp32, so BN runs there
+        rm, rv, w, b = args[:4]
+        y = lightnorm_batch_norm(x.float(), rm, rv, None if w is None else w.float(), None if b is None else b.float(),
+                                 *args[4:])
+        return y.to(x.dtype)
 
     return handle
 
@@ -129,13 +141,16 @@ def _apply(model: nn.Module, cfg: LightNorm, targets: list[str], structure: Stru
         raise ConfigError(f"LightNorm: {structure.model} has no BatchNorm layer with an affine weight "
                           "(LayerNorm/GroupNorm models are not LightNorm's)")
     modules = dict(model.named_modules())
-    params = [modules[n].weight for n in targets if getattr(modules[n], "weight", None) is not None]
+    # the parameters the traced batch_norm calls read (a model's own module may name them as it likes)
+    params = [model.get_parameter(p) for n in targets for p in structure.layers[n].params] \
+        if all(n in structure.layers for n in targets) else \
+        [modules[n].weight for n in targets if getattr(modules[n], "weight", None) is not None]
     trained = [p for p in params if p.requires_grad]
     if not trained:
-        raise ConfigError(f"LightNorm: every targeted BatchNorm of {structure.model} is frozen ({targets[0]}, ...); "
-                          "LightNorm changes how a BatchNorm trains")
+        raise ConfigError(f"LightNorm: every targeted BatchNorm of {structure.model} is frozen "
+                          f"({targets[0] or structure.model}, ...); LightNorm changes how a BatchNorm trains")
     undo = Undo()
-    intercept(model, ("batch_norm",), lightnorm_handler({id(p) for p in params}, cfg.numerics()), undo)
+    intercept(model, ("batch_norm",), lightnorm_handler({id(p) for p in params}, cfg.numerics(), modules), undo)
     # the targets were resolved from the traced batch_norm ops: each runs LightNorm's BN in every training step
     # (eval mode runs the stock op, so apply's eval-mode check sees no hit)
     undo.changes += len(trained)
@@ -152,8 +167,9 @@ register(
         reduces=frozenset({"activations", "compute"}),  # compute: of the simulated BN unit, not the CPU's
         layer_kinds=frozenset({"batch_norm"}),
         looks_for="BatchNorm layers with an affine weight",
-        limits="training-mode BatchNorm only (eval runs the stock fp32 op); affine=False and frozen BatchNorms are not "
-               "reached; "
+        limits="training-mode BatchNorm only (eval runs the stock op); affine=False and frozen BatchNorms are not "
+               "reached; bfloat16/float16 inputs run the emulation in fp32; a BatchNorm that Checkpoint targets itself "
+               "(not a block holding it) recomputes with the stock op and fails checkpoint's check; "
                "an emulation: slower than stock BN on the CPU",
         forward_bound=lambda cfg: 0.0,  # eval mode is the stock op
         exact=False,
