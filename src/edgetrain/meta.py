@@ -18,6 +18,7 @@ MAC's added units (§7.3) are not built.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import random
 from typing import Any
@@ -113,6 +114,7 @@ class MetaLearner:
     algorithm: str = "maml"
     inner_steps: int = 5
     inner_lr: float = 0.01
+    inner_exclude: tuple[str, ...] = ()  # globs of parameters the inner loop leaves as they are (the outer trains them)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -153,10 +155,15 @@ class MetaLearner:
                                                                                                   grads)}
             return {f"{self.head_name}.{k}": v for k, v in params.items()}
         params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}  # frozen ones stay as they are
+        inner = [k for k in params if not any(fnmatch.fnmatchcase(k, g) for g in self.inner_exclude)]
+        if not inner:
+            raise ConfigError(f"meta-learning inner_exclude {list(self.inner_exclude)} leaves no parameter to adapt")
         for _ in range(steps):
             loss = F.cross_entropy(self.logits(params, xs), ys)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=second)
-            params = {k: p - self.inner_lr * (g if second else g.detach()) for (k, p), g in zip(params.items(), grads)}
+            # allow_unused: a parameter this forward does not read (a quantizer's step at full precision) stays
+            grads = torch.autograd.grad(loss, [params[k] for k in inner], create_graph=second, allow_unused=True)
+            params = {**params, **{k: params[k] - self.inner_lr * (g if second else g.detach())
+                                   for k, g in zip(inner, grads) if g is not None}}
         return params
 
     def logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
