@@ -148,21 +148,27 @@ def test_infeasible_budget_names_the_profile_and_its_clients(tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------------- a run
-def test_simulation_completes_a_round_without_a_client_that_dies(tmp_path):
-    """Flower's simulation runtime, 3 clients, 2 rounds (smoke sized); client 1 fails halfway through its local
-    steps of round 2: round 2 aggregates the other two and the log names client 1 and why."""
+def _simulate(tmp_path, out, fail: dict, *extra: str) -> tuple[dict, list[dict]]:
+    """``edgetrain federated`` in a new process on the smoke-sized config (3 clients, 2 rounds, every client
+    sampled) with ``fail``: the summary and the rows of rounds.jsonl."""
     pytest.importorskip("flwr")
     cfg = tmp_path / "fed.yaml"
-    cfg.write_text(yaml.safe_dump(config(fail={"client": 1, "round": 2}, fraction=1.0)))
-    out = tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(config(fail=fail, fraction=1.0)))
     env = {"EDGETRAIN_SMOKE": "1", "EDGETRAIN_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
            "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "edgetrain", "federated", "--config", str(cfg), "--out", str(out),
-                        "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+                        "--no-progress", *extra], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
+    return summary, [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_simulation_completes_a_round_without_a_client_that_dies(tmp_path):
+    """Flower's simulation runtime, 3 clients, 2 rounds (smoke sized); client 1 fails halfway through its local
+    steps of round 2: round 2 aggregates the other two and the log names client 1 and why."""
+    out = tmp_path / "run"
+    summary, rounds = _simulate(tmp_path, out, {"client": 1, "round": 2})
     assert summary["rounds"] == 2 and summary["smoke"] is True and summary["peak_rss_bytes"] > 0
-    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert sorted(c["client"] for c in rounds[1]["clients"]) == [0, 1, 2]
     assert sorted(c["client"] for c in rounds[2]["clients"]) == [0, 2]
@@ -180,3 +186,19 @@ def test_simulation_completes_a_round_without_a_client_that_dies(tmp_path):
     model = wl.build_model(10)
     model.load_state_dict(load_file(out / "model.safetensors"))  # strict: the whole global model
     assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), wl.build_model(10).state_dict().values()))
+
+
+def test_a_client_whose_process_dies_costs_only_its_own_reply(tmp_path):
+    """Client 1's worker process exits halfway through round 1 (``os._exit``: no reply, no cleanup). Round 1
+    completes with the other two and the log says the process died; Ray restarts the worker, so round 2 has every
+    client (without the restart, the dead worker fails every later client it is given). A second run into the same
+    folder with --force starts a fresh log."""
+    out = tmp_path / "run"
+    for extra in ((), ("--force",)):
+        _, rounds = _simulate(tmp_path, out, {"client": 1, "round": 1, "mode": "exit"}, *extra)
+        assert sorted(c["client"] for c in rounds[1]["clients"]) == [0, 2]
+        assert [f["client"] for f in rounds[1]["failed"]] == [1]
+        assert sorted(c["client"] for c in rounds[2]["clients"]) == [0, 1, 2] and rounds[2]["failed"] == []
+        log = (out / "federated.log").read_text().splitlines()
+        assert [x.split(":")[0] for x in log] == ["round 0/2", "round 1/2", "round 2/2"]
+        assert "client 1 failed (its process died mid-round" in log[1]

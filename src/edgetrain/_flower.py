@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -90,6 +91,22 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
+@client_app.query()
+def _whoami(msg: Message, context: Context) -> Message:
+    """Which client this node is: the server asks once before round 1, so that a client that dies without ever
+    replying is still named."""
+    return Message(RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}),
+                   reply_to=msg)
+
+
+def node_clients(grid: Grid, clients: int) -> dict[int, int]:
+    """node id -> client id of every node, asked by a query message (waits until ``clients`` nodes are up)."""
+    while len(ids := list(grid.get_node_ids())) < clients:
+        time.sleep(0.2)
+    replies = grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query") for n in ids])
+    return {m.metadata.src_node_id: int(m.content["metrics"]["client"]) for m in replies if not m.has_error()}
+
+
 class PartialFedAvg(FedAvg):
     """FedAvg over partial updates: each element averaged over the clients that sent it (weighted by samples).
 
@@ -97,7 +114,7 @@ class PartialFedAvg(FedAvg):
 
     on_round: Any = None
     global_arrays: ArrayRecord | None = None
-    nodes: dict[int, int] | None = None  # node id -> client id, learnt from replies: a later failure names its client
+    nodes: dict[int, int] | None = None  # node id -> client id (node_clients, and every reply): failures are named
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # noqa: ANN201
         self.global_arrays = arrays
@@ -157,7 +174,11 @@ class ProcessTreeMemory:
 
 
 def _reason(text: str) -> str:
-    """The exception's own message out of the traceback Flower reports for a failed reply."""
+    """The exception's own message out of the traceback Flower reports for a failed reply; a Ray worker that died
+    under the client (its process exited or was killed) is said as such."""
+    died = re.search(r"ray\.exceptions\.(ActorDiedError|ActorUnavailableError)", text)
+    if died:
+        return f"its process died mid-round (Ray: {died.group(1)}); its worker is restarted"
     line = [x for x in text.strip().splitlines() if x.strip()][-1]
     return line.split("Message: ", 1)[-1].removesuffix("'>").strip()[:200]
 
@@ -223,7 +244,7 @@ def simulate(config: FederatedConfig, out: Path, *, threads: int = 2) -> dict[st
             n = max(2, round(config.fraction * config.clients))
             strategy = cls(fraction_train=n / config.clients, fraction_evaluate=0.0, min_train_nodes=n,
                            min_available_nodes=config.clients, **kw)
-            strategy.on_round = on_round
+            strategy.on_round, strategy.nodes = on_round, node_clients(grid, config.clients)
             result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                                     num_rounds=config.rounds, train_config=ConfigRecord({"run-dir": str(out)}),
                                     evaluate_fn=evaluate_fn)
@@ -235,9 +256,12 @@ def simulate(config: FederatedConfig, out: Path, *, threads: int = 2) -> dict[st
     quiet = logging.getLogger("flwr").level
     logging.getLogger("flwr").setLevel(logging.ERROR)  # our own line per round instead of Flower's INFO log
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs: silences Ray's FutureWarning
+    # A worker whose process dies is restarted (max_restarts), and a client sent to it while it restarts is retried
+    # once (max_task_retries; so is the dying client, which dies again): a death costs only the dying client's reply.
+    workers = {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1}
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.clients,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                       backend_config={"client_resources": workers,
                                        "init_args": {"num_cpus": threads, "include_dashboard": False,
                                                      "log_to_driver": False}})
     finally:

@@ -92,7 +92,7 @@ class FederatedConfig:
             its steps per run, the bias grid (``None``: the default grid), the last convs whose weights it tries).
         fail: ``{client, round, mode?}``: that client fails halfway through its local steps in that round (to
             show a round completing without it): ``mode: raise`` (default) raises in the ClientApp; ``mode: exit``
-            ends its worker process, which on Flower's Ray runtime also fails the clients queued on that worker.
+            ends its worker process (``os._exit``, no reply, no cleanup); Ray restarts the worker for the next client.
     """
 
     workload: Workload
@@ -292,7 +292,7 @@ def run(config: FederatedConfig, out: str | Path, *, force: bool = False, thread
     if out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out}: exists and is not empty; choose another --out, or --force to replace its run")
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("rounds.jsonl", "summary.json"):
+    for f in ("rounds.jsonl", "summary.json", "federated.log", "model.safetensors"):
         (out / f).unlink(missing_ok=True)
     torch.set_num_threads(threads)
     plans = plan_profiles(config, threads=threads, progress=progress)
