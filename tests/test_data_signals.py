@@ -3,6 +3,8 @@ model on them, and one-line errors for malformed files."""
 
 from __future__ import annotations
 
+import json
+import re
 import wave
 
 import numpy as np
@@ -162,3 +164,66 @@ def test_review_findings_splits_share_classes_and_statistics_and_a_workload_load
     assert "\n" not in str(e.value)
     wl = et.Workload(model="small_cnn", data=str(p))
     assert len(wl.load_data("train")) == 48 and wl.load_data("test").transform.mean == load_data(p).transform.mean
+
+
+# ------------------------------------------------------------------------------------------- the command line
+NETS = '''from torch import nn
+
+def mlp(num_classes, features=2):
+    return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+def audio(num_classes):
+    return nn.Sequential(nn.Conv1d(1, 4, 9, stride=4), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+'''
+
+
+def _cli(args, capsys):  # noqa: ANN001, ANN202
+    from edgetrain.cli import main
+
+    code = main([*args, "--threads", "1"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_cli_reads_a_tables_label_column_and_a_wav_folders_framing(tmp_path, capsys, monkeypatch):
+    """--label-column, --sample-rate and --seconds reach the data (train, measure and plan on a user's models)."""
+    (tmp_path / "nets.py").write_text(NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("EDGETRAIN_CACHE", str(tmp_path / "cache"))
+    p = _table(tmp_path, rows=90)
+    p.write_text(p.read_text().replace("a,b,label", "a,b,kind", 1))
+    common = ["--model", "nets:mlp", "--data", str(p), "--batch-size", "8"]
+    code, _, err = _cli(["train", *common, "--steps", "1", "--out", str(tmp_path / "r0"), "--no-progress"], capsys)
+    assert code == 2 and "no label column 'label'" in err and "--label-column" in err
+    code, out, err = _cli(["train", *common, "--label-column", "kind", "--steps", "60", "--lr", "0.1", "--out",
+                           str(tmp_path / "r1"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["accuracy"] > 0.8  # the three clusters of feature a, as in train()
+    code, out, err = _cli(["plan", *common, "--label-column", "kind", "--budget", "64KiB", "--analysis-steps", "2"],
+                          capsys)
+    assert code == 0, err
+    assert "predicted peak RAM" in out
+    for i in range(4):
+        t = np.arange(8000) / 8000
+        _wav(tmp_path / "snd" / "hum" / f"{i}.wav", 0.5 * np.sin(2 * np.pi * 200 * t), 8000)
+        _wav(tmp_path / "snd" / "beep" / f"{i}.wav", 0.5 * np.sin(2 * np.pi * 1000 * t), 8000)
+    code, out, err = _cli(["measure", "--model", "nets:audio", "--data", str(tmp_path / "snd"), "--batch-size", "2",
+                           "--sample-rate", "4000", "--seconds", "0.5", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["peak_split"]["batch"] == 2 * 1 * 2000 * 4 + 2 * 8  # (2, 1, 4 kHz x 0.5 s) fp32 + labels
+    code, out, err = _cli(["measure", "--model", "nets:audio", "--data", str(tmp_path / "snd"), "--batch-size", "2",
+                           "--sample-rate", "4000", "--seconds", "0.5"], capsys)
+    assert code == 0 and "batch 2x1x2000," in out.splitlines()[0], out
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--data", "digits", "--label-column", "y"], "--label-column applies to a table, and digits is an image dataset"),
+    (["--data", "TABLE", "--seconds", "2"], "--seconds applies to a WAV folder, and .*t.csv is a table"),
+    (["--data", "TABLE", "--label-column", ""], "--label-column must name a column"),
+])
+def test_data_flags_on_the_wrong_data_are_one_line(tmp_path, capsys, flags, match):
+    flags = [str(_table(tmp_path)) if f == "TABLE" else f for f in flags]
+    code, _, err = _cli(["measure", "--model", "small_cnn", *flags], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err

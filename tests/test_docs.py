@@ -163,12 +163,15 @@ PLAN_JSON = json.dumps({"name": "plan", "targets": None, "techniques": [{"type":
 
 
 def _usage_files() -> dict[str, str]:
-    """``mynets.py`` (the usage guide's python block defining ``small_net``) and ``mine.yaml`` (its ``cat``)."""
+    """``mynets.py`` and ``mytables.py`` (the usage guide's python blocks defining ``small_net`` and ``table_net``)
+    and ``mine.yaml`` (its ``cat``)."""
     usage = (ROOT / "docs" / "usage.md").read_text()
     files = {}
     for m in FENCE.finditer(usage):
         if m.group(1) == "python" and "def small_net" in m.group(2):
             files["mynets.py"] = m.group(2)
+        if m.group(1) == "python" and "def table_net" in m.group(2):
+            files["mytables.py"] = m.group(2)
         if m.group(1) == "console" and "$ cat mine.yaml" in m.group(2):
             body = m.group(2).split("$ cat mine.yaml\n", 1)[1]
             files["mine.yaml"] = body.split("\n$ ", 1)[0] + "\n"

@@ -97,11 +97,11 @@ def default_grid(n_convs: int) -> list[int]:
     return sorted(set(ks + [n_convs]))
 
 
-def weight_candidates(model: nn.Module, last: int) -> list[str]:
+def weight_candidates(model: nn.Module, last: int, input_shape: tuple[int, ...] | None = None) -> list[str]:
     """Convs whose weights the analysis tries: the non-depthwise convs among the last ``last`` (TTE found
     depthwise and early layers contribute about nothing, specs §6.4)."""
     modules = dict(model.named_modules())
-    convs = conv_names(model)[-last:]
+    convs = conv_names(model, input_shape)[-last:]
     return [c for c in convs if getattr(modules[c], "groups", 1) == 1]
 
 
@@ -141,16 +141,18 @@ def analyze(workload, *, steps: int = 100, lr: float = 0.01, ks: list[int] | Non
     torch.set_num_threads(threads)
     train_data, eval_data = holdout_split(workload.load_data("train"), seed=workload.seed)
     probe = workload.build_model(train_data.num_classes)
-    convs = conv_names(probe)
+    shape = None if workload.images() else tuple(train_data.images.shape[1:])  # images: the model's own size
+    convs = conv_names(probe, shape)
     ks = ks or default_grid(len(convs))
     if any(k < 0 or k > len(convs) for k in ks):
         raise ConfigError(f"analysis: bias k values must be in [0, {len(convs)}], got {ks}")
-    cands = weight_candidates(probe, weight_last)
+    cands = weight_candidates(probe, weight_last, shape)
     k_ref = max(len(convs) - convs.index(cands[0]), 1) if cands else 0
     # only what the runs use: the resolved data name (not the workload's ``data=None``), so that the same data hits
     # the same cache; not the test split (eval_subset) nor the workload's batch size (the runs train at the
     # TrainConfig default and score on the held-out part of the training split)
-    used = {k: v for k, v in dataclasses.asdict(workload).items() if k not in ("eval_subset", "batch_size")}
+    used = {k: v for k, v in dataclasses.asdict(workload).items() if k not in ("eval_subset", "batch_size")
+            and not (k == "data_args" and not v)}  # no data_args: the key of the caches written before they existed
     key = {"version": ANALYSIS_VERSION, "workload": {**used, "data": train_data.name}, "steps": steps, "lr": lr}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = (cache or cache_dir()) / f"{workload.model}-{digest}.json"
@@ -211,7 +213,7 @@ def weight_memory(model: nn.Module, table: CostTable, conv: str, ratio: float, p
         params, saved = m.weight.numel(), math.prod(in_shape)
     else:
         keep = n_keep(m, ratio)
-        per_channel = m.weight[:, 0].numel() if m.groups == 1 else m.weight[0].numel()
+        per_channel = m.weight[:, 0].numel() if getattr(m, "groups", 1) == 1 else m.weight[0].numel()
         params, saved = keep * per_channel, keep * math.prod(in_shape[1:])
     state = params * 4 * (2 + OPT_COPIES[table.optimizer])
     if precision == "int8":

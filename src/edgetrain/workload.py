@@ -18,6 +18,10 @@ from torch import Tensor, nn
 from edgetrain.errors import ConfigError
 from edgetrain.models.pretrained import WEIGHTS
 
+#: Workload.data_args: each key and the kind of data it applies to (edgetrain.data.sources.data_kind)
+DATA_ARGS = {"label": "table", "sample_rate": "WAV folder", "seconds": "WAV folder"}
+FLAGS = {"label": "--label-column", "sample_rate": "--sample-rate", "seconds": "--seconds"}
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -35,6 +39,8 @@ class Workload:
         batch_size: training batch size (also the batch the meter measures).
         train_subset, eval_subset: fixed random subsets (``None``: everything) to bound run time.
         seed: model initialisation, head initialisation and subset choice.
+        data_args: how a table or a WAV folder is read (:func:`edgetrain.data.load_data`): ``label`` (a
+            ``.csv``/``.parquet`` table's label column), ``sample_rate`` and ``seconds`` (a WAV folder's framing).
     """
 
     model: str = "mobilenet_v2"
@@ -48,8 +54,10 @@ class Workload:
     seed: int = 0
     model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     weights: str | None = None
+    data_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_data_args()
         if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
             raise ConfigError(f"Workload.model_args: must be a mapping of argument names, got {self.model_args!r}")
         reserved = sorted({"num_classes", "in_channels", "image_size"} & set(self.model_args))
@@ -75,6 +83,22 @@ class Workload:
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"Workload.{f}: must be a positive int or null, got {v!r}")
 
+    def _check_data_args(self) -> None:
+        from edgetrain.data.sources import data_kind
+
+        if not isinstance(self.data_args, dict):
+            raise ConfigError(f"Workload.data_args: must be a mapping, got {self.data_args!r}")
+        unknown = sorted(set(self.data_args) - set(DATA_ARGS))
+        if unknown:
+            raise ConfigError(f"Workload.data_args: unknown key(s) {unknown}; known: {', '.join(DATA_ARGS)}")
+        kind = data_kind(self.data)
+        for key in self.data_args:
+            if kind != DATA_ARGS[key]:
+                raise ConfigError(f"{FLAGS[key]} applies to a {DATA_ARGS[key]}, and {self.data or 'the default data'} "
+                                  f"is {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+        if "label" in self.data_args and not (isinstance(self.data_args["label"], str) and self.data_args["label"]):
+            raise ConfigError(f"--label-column must name a column, got {self.data_args['label']!r}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Workload:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -97,7 +121,7 @@ class Workload:
         from edgetrain.data import load_data
 
         if not self.images():  # a table or series (edgetrain.data.signals): no image options, training statistics
-            data = load_data(self.data, split)
+            data = load_data(self.data, split, **self.data_args)
             n = self.train_subset if split == "train" else self.eval_subset
             return data.subset(n, seed=self.seed) if n is not None and n < len(data) else data
         normalize = "imagenet" if self.pretrained else "dataset"
@@ -124,10 +148,17 @@ class Workload:
             load_weights(model, self.weights)
         return model
 
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: ``(channels, image_size, image_size)`` for images (no data are loaded); a table's
+        ``(features,)`` or a series' ``(channels, length)``, read from the training split."""
+        if self.images():
+            return (self.channels, self.image_size, self.image_size)
+        return tuple(self.load_data("train").images.shape[1:])
+
     def example_input(self, zeros: bool = False) -> Tensor:
-        """Two samples of the model input, ``(2, channels, image_size, image_size)``: seeded normal noise, or
-        zeros (all the cost model needs is the shape). No data are loaded."""
-        shape = (2, self.channels, self.image_size, self.image_size)  # (N, C, H, W)
+        """Two samples of the model input, ``(2, *input_shape())``: seeded normal noise, or zeros (all the cost
+        model needs is the shape)."""
+        shape = (2, *self.input_shape())
         if zeros:
             return torch.zeros(shape)
         return torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))

@@ -42,8 +42,14 @@ def add_workload_args(p: argparse.ArgumentParser, *, recipe: bool = True, eval_d
     g = p.add_argument_group("workload")
     add_model_args(g)
     g.add_argument("--data", default=None,
-                   help="dataset name (fashion-mnist, digits), IDX/ImageFolder directory or .npz file "
-                   "(default: Fashion-MNIST if installed, else digits)")
+                   help="dataset name (fashion-mnist, digits), IDX/ImageFolder directory, .npz file, .csv/.parquet "
+                   "table, WAV folder or .npy windows (default: Fashion-MNIST if installed, else digits)")
+    g.add_argument("--label-column", default=None, metavar="NAME",
+                   help="a .csv/.parquet table's label column (default: label)")
+    g.add_argument("--sample-rate", type=int, default=None, metavar="HZ",
+                   help="a WAV folder's clips are resampled to HZ (default 16000)")
+    g.add_argument("--seconds", type=float, default=None,
+                   help="a WAV folder's clips are cut or zero-padded to this many seconds (default 1.0)")
     g.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     g.add_argument("--train-subset", type=int, default=None, help="use a fixed random subset of N training images")
     if eval_data:
@@ -61,11 +67,18 @@ def workload(args: argparse.Namespace) -> Workload:
                   pretrained=getattr(args, "pretrained", False), data=getattr(args, "data", None),
                   image_size=args.image_size, channels=args.channels, batch_size=getattr(args, "batch_size", 32),
                   train_subset=getattr(args, "train_subset", None), eval_subset=getattr(args, "eval_subset", None),
-                  seed=getattr(args, "seed", 0))
+                  seed=getattr(args, "seed", 0), data_args=data_args(args))
     if wl.pretrained and wl.channels != 3:
         raise ConfigError(f"--channels {wl.channels}: the pretrained {wl.model} takes 3-channel images (gray data "
                           "are replicated to 3 channels by default); drop --channels, or add --no-pretrained")
     return smoke.workload(wl)
+
+
+def data_args(args: argparse.Namespace) -> dict:
+    """The ``Workload.data_args`` given by ``--label-column``, ``--sample-rate`` and ``--seconds``."""
+    given = {"label": getattr(args, "label_column", None), "sample_rate": getattr(args, "sample_rate", None),
+             "seconds": getattr(args, "seconds", None)}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def recipe(args: argparse.Namespace) -> Recipe:

@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(finite({"recipe": rec.name, **m.to_dict()}), indent=2, allow_nan=False))
     else:
-        print(f"{wl.model} on {data.name}, batch {wl.batch_size}x{wl.channels}x{wl.image_size}x{wl.image_size}, "
-              f"recipe {rec.name!r}")
+        print(f"{wl.model} on {data.name}, batch {'x'.join(map(str, batch[0].shape))}, recipe {rec.name!r}")
         print(format_measurement(m))
     return 0

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.no_progress)
     data = wl.load_data("train")
     model = wl.build_model(data.num_classes)
-    p = plan(model, contribution, budget, (wl.channels, wl.image_size, wl.image_size), batch, cost_optimizer(args),
+    p = plan(model, contribution, budget, wl.input_shape(), batch, cost_optimizer(args),
              precision=args.precision, flash=device.flash_bytes if device else None, frozen=args.frozen)
     if args.output:
         try:

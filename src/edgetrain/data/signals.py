@@ -90,7 +90,7 @@ def load_table(path: Path, split: str, label: str = "label") -> ImageData:
     header, rows = _table_rows(path)
     if label not in header:
         raise DataError(f"{path}: no label column {label!r} (columns: {', '.join(header[:8])}"
-                        f"{', ...' if len(header) > 8 else ''}); name it with label=")
+                        f"{', ...' if len(header) > 8 else ''}); name it with label= (--label-column in the CLI)")
     if len(set(header)) != len(header):
         raise DataError(f"{path}: duplicate column names in the header")
     if not rows:

@@ -75,6 +75,16 @@ def is_signal(source: str | Path | None) -> bool:
     return path.is_dir() and not has_idx_files(path) and _has_wav(path)
 
 
+def data_kind(source: str | Path | None) -> str:
+    """``table``, ``WAV folder``, ``series`` (a ``.npy`` of windows) or ``image dataset``, from the name alone."""
+    if not is_signal(source):
+        return "image dataset"
+    path = Path(source)
+    if path.is_dir():
+        return "WAV folder"
+    return "series" if path.suffix.lower() == ".npy" else "table"
+
+
 def _load_raw(source: str | Path, split: str, limit: int | None = None, label: str = "label",
               audio: dict | None = None) -> ImageData:
     """The split; IDX sources read only ``limit`` samples (the others are cut by the caller)."""
