@@ -1,5 +1,5 @@
-"""Few-shot meta-learning for on-device adaptation: MAML, FOMAML and ANIL with ``torch.func``, and episodic N-way
-K-shot sampling from any edgetrain dataset.
+"""Few-shot meta-learning for on-device adaptation: MAML, FOMAML and ANIL with ``torch.func``, MAC at meta-test, and
+episodic N-way K-shot sampling from any edgetrain dataset.
 
 Specs: algorithms_B §7. MAML (Finn et al., ICML 2017): for each task, ``theta' = theta - alpha grad L_S(theta)``
 (``inner_steps`` times) and the meta-update descends ``sum_i L_Q(theta'_i)`` through the inner updates (second
@@ -12,7 +12,9 @@ meta-learns the body (second order through the head only). The model is called w
 
 The model is any ``nn.Module`` whose output is the logits; BatchNorm layers should use batch statistics
 (``track_running_stats=False``, as :class:`Conv4` does: running statistics would leak across tasks, spec §7.4).
-MAC's added units (§7.3) are not built.
+MAC (§7.3, :mod:`edgetrain.mac`) is a meta-test procedure: meta-train with maml/fomaml/anil, then evaluate with
+``MetaLearner(model, "mac", acu_layer=...)``: new units (ACUs) beside that layer and new head columns are learned on
+the support set, the base frozen.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch.func import functional_call
 
 from edgetrain.errors import ConfigError
 
-ALGORITHMS = ("maml", "fomaml", "anil")
+ALGORITHMS = ("maml", "fomaml", "anil", "mac")
 
 
 class Conv4(nn.Module):
@@ -107,14 +109,20 @@ def _head(model: nn.Module) -> tuple[str, nn.Linear]:
 
 @dataclasses.dataclass
 class MetaLearner:
-    """MAML / FOMAML / ANIL on ``model``: :meth:`adapt` runs the inner loop on a support set, :meth:`meta_loss`
-    the query loss of the adapted parameters (its backward is the meta-gradient)."""
+    """MAML / FOMAML / ANIL / MAC on ``model``: :meth:`adapt` runs the inner loop on a support set, :meth:`meta_loss`
+    the query loss of the adapted parameters (its backward is the meta-gradient; not for MAC, a meta-test procedure).
+    The ``acu_*`` and ``n_acu`` fields configure MAC (:class:`edgetrain.mac.MAC`; ``acu_lr`` None: ``inner_lr``)."""
 
     model: nn.Module
     algorithm: str = "maml"
     inner_steps: int = 5
     inner_lr: float = 0.01
     inner_exclude: tuple[str, ...] = ()  # globs of parameters the inner loop leaves as they are (the outer trains them)
+    acu_layer: str | None = None  # MAC: the nn.Conv2d / nn.Linear the added units sit beside (read its input)
+    n_acu: int = 8  # MAC: added units (ours; the paper's numbers were not retrieved, spec §7.3)
+    acu_lr: float | None = None  # MAC: the units' inner lr (the head's is inner_lr)
+    acu_seed: int = 0  # MAC: the units' init is seeded by (acu_seed, episode)
+    acu_init: str = "kaiming_normal"  # MAC: edgetrain.mac.INITS
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -125,6 +133,18 @@ class MetaLearner:
             raise ConfigError(f"meta-learning inner_lr: must be > 0, got {self.inner_lr!r}")
         if self.algorithm == "anil":
             self.head_name, self.head = _head(self.model)
+        if self.algorithm == "mac":
+            if self.acu_layer is None:
+                raise ConfigError("MAC: acu_layer is needed (the nn.Conv2d or nn.Linear to add units beside)")
+            if self.inner_exclude:
+                raise ConfigError("MAC: inner_exclude does not apply (the base is frozen; units and head adapt)")
+            from edgetrain.mac import MAC  # here: edgetrain.mac imports this module
+
+            self.mac = MAC(self.model, self.acu_layer, self.n_acu, lr=self.inner_lr, acu_lr=self.acu_lr,
+                           seed=self.acu_seed, init=self.acu_init)
+        elif self.acu_layer is not None:
+            raise ConfigError(f"meta-learning acu_layer {self.acu_layer!r}: applies to algorithm 'mac' only, not "
+                              f"{self.algorithm!r}")
 
     def _features(self, x: Tensor) -> Tensor:
         """The head's input (ANIL), with the body in the graph."""
@@ -138,13 +158,18 @@ class MetaLearner:
             raise ConfigError(f"ANIL: the head {self.head_name!r} was called {len(got)} times (once is needed)")
         return got[0]
 
-    def adapt(self, xs: Tensor, ys: Tensor, *, steps: int | None = None, train: bool = True) -> dict[str, Tensor]:
+    def adapt(self, xs: Tensor, ys: Tensor, *, steps: int | None = None, train: bool = True,
+              episode: int = 0) -> dict[str, Tensor]:
         """The adapted parameters after the inner loop on ``(xs, ys)``. ``train=True`` keeps what the outer loop
-        needs (second order for maml/anil); ``False`` (meta-test) keeps no graph beyond one step."""
+        needs (second order for maml/anil); ``False`` (meta-test) keeps no graph beyond one step. MAC keeps none
+        (its base is frozen), draws its units' init from ``episode`` and returns :class:`edgetrain.mac.MAC`'s
+        parameters."""
         second = train and self.algorithm != "fomaml"
         steps = self.inner_steps if steps is None else steps
         if not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"meta-learning steps: must be an int >= 0, got {steps!r}")
+        if self.algorithm == "mac":
+            return self.mac.adapt(xs, ys, steps, episode=episode)
         if self.algorithm == "anil":
             feats = self._features(xs) if train else self._features(xs).detach()
             params = {k: p for k, p in (("weight", self.head.weight), ("bias", self.head.bias)) if p is not None}
@@ -168,20 +193,24 @@ class MetaLearner:
 
     def logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """The model's logits with ``params`` in place of its own; buffers are passed as copies, so BatchNorm
-        running statistics are never updated by a task (they would leak across tasks, spec §7.4)."""
+        running statistics are never updated by a task (they would leak across tasks, spec §7.4). MAC: the widened
+        network's logits with MAC's parameters."""
+        if self.algorithm == "mac":
+            return self.mac.logits(params, x)
         buffers = {k: b.clone() for k, b in self.model.named_buffers()}
         return functional_call(self.model, {**params, **buffers}, (x,), strict=False)
 
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         """The query loss after adapting on the support set; ``backward()`` of it is the meta-gradient."""
+        _no_mac_training(self)
         return F.cross_entropy(self.logits(self.adapt(xs, ys), xq), yq)
 
     def evaluate(self, episodes: Episodes, n: int = 600, seed: int = 0, steps: int | None = None) -> dict[str, float]:
         """Mean query accuracy over ``n`` test episodes and its 95% confidence interval (1.96 standard errors)."""
         rng, accs = random.Random(seed), []
-        for _ in range(n):
+        for i in range(n):
             xs, ys, xq, yq = episodes.sample(rng)
-            params = {k: v.detach() for k, v in self.adapt(xs, ys, steps=steps, train=False).items()}
+            params = {k: v.detach() for k, v in self.adapt(xs, ys, steps=steps, train=False, episode=i).items()}
             with torch.no_grad():
                 accs.append(float((self.logits(params, xq).argmax(1) == yq).double().mean()))
         mean = sum(accs) / n
@@ -194,6 +223,7 @@ def meta_train(learner: MetaLearner, episodes: Episodes, iterations: int, meta_b
     """Adam on the meta-loss averaged over ``meta_batch`` episodes per iteration; returns the losses."""
     from edgetrain.run import Progress
 
+    _no_mac_training(learner)
     rng = random.Random(seed)
     opt = torch.optim.Adam(learner.model.parameters(), lr=lr)
     losses = []
@@ -213,3 +243,9 @@ def meta_train(learner: MetaLearner, episodes: Episodes, iterations: int, meta_b
         bar.update(it + 1, total, lr)
     bar.close()
     return losses
+
+
+def _no_mac_training(learner: MetaLearner) -> None:
+    if learner.algorithm == "mac":
+        raise ConfigError("meta-train mac: MAC is a meta-test procedure (spec §7.3); meta-train the model with anil, "
+                          "maml or fomaml, then evaluate it with MetaLearner(model, 'mac', acu_layer=...)")
