@@ -8,8 +8,8 @@ meta-tested on ``--episodes`` (600) episodes of the unseen classes 5-9, 5-way 5-
 it is and on a perturbed copy (``--perturb``: ``rot90``, the images rotated by 90 degrees, and/or ``invert``, 255 -
 pixel; both by default), normalised with the unperturbed test split's statistics. Rows: ANIL (the head adapted on the
 frozen features) and MAC with ``--n-acu`` units beside ``--acu-layer`` (default the last conv, ``features.3.0``), the
-same inner steps and lr (the units' own lr: ``--acu-lr``). Every row sees the same episodes (seed 1): the rows are
-paired. 95% confidence intervals are 1.96 standard errors over episodes.
+same inner steps (``--test-steps`` at meta-test, default ``--inner-steps``) and lr (the units' own lr: ``--acu-lr``).
+Every row sees the same episodes (seed 1): the rows are paired. 95% confidence intervals are 1.96 standard errors over episodes.
 
 Memory: one adaptation step on a support set as a device runs it, metered by ``edgetrain.measure`` with plain SGD:
 ANIL as ``Freeze(classifier)`` on the model, MAC as ``edgetrain.mac.MACNet`` (the base frozen and run under
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--inner-steps", type=int, default=5)
     ap.add_argument("--inner-lr", type=float, default=0.1)
+    ap.add_argument("--test-steps", type=int, default=None,
+                    help="inner steps at meta-test, for every row (default: --inner-steps, as in meta-training)")
     ap.add_argument("--acu-lr", type=float, default=None, help="the units' inner lr (default: --inner-lr)")
     ap.add_argument("--n-acu", default="8,32")
     ap.add_argument("--acu-layer", default="features.3.0")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             anil_acc = None
             for (method, n, learner), mem in zip(learners, memory):
                 t0 = time.perf_counter()
-                result = learner.evaluate(episodes, n=n_test, seed=1)
+                result = learner.evaluate(episodes, n=n_test, seed=1, steps=a.test_steps)
                 anil_acc = result["accuracy"] if method == "anil" else anil_acc
                 row = {"name": "anil" if method == "anil" else f"mac-{n}", "algorithm": method, "n_acu": n,
                        "split": split, "ways": 5, "shots": shots, "queries": queries, **result,
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     prov.update(finished=provenance(a.threads)["date"], meta_algorithm=a.meta_algorithm, iterations=iterations,
                 meta_batch=a.meta_batch, meta_lr=1e-3, train_shots=train_shots, final_meta_loss=losses[-1],
                 meta_train_seconds=round(seconds, 1), inner_steps=a.inner_steps, inner_lr=a.inner_lr,
+                test_steps=a.test_steps if a.test_steps is not None else a.inner_steps,
                 acu_lr=a.acu_lr if a.acu_lr is not None else a.inner_lr, acu_layer=a.acu_layer, acu_init=a.acu_init,
                 acu_seed=0, perturbation=kinds, backbone="Conv4 width 32", meta_train_classes=[0, 1, 2, 3, 4],
                 meta_test_classes=[5, 6, 7, 8, 9], episode_seed=1, paper_claim=CLAIM)
