@@ -69,6 +69,41 @@ def test_bad_runs_and_existing_exports_are_one_line(tmp_path, capsys):
     assert info["techniques_removed"] == [] and not model.training
 
 
+class _Mystery(torch.autograd.Function):
+    """An op written into ONNX as ``edgetrain_test::Mystery``, which onnxruntime does not implement."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x * 2
+
+    @staticmethod
+    def symbolic(g, x):  # noqa: ANN001, ANN205
+        return g.op("edgetrain_test::Mystery", x)
+
+
+class _Fft(torch.nn.Module):
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return torch.fft.fft(x.flatten(1)).real[:, :10]  # aten::fft_fft has no ONNX form (opset 20)
+
+
+def test_onnx_that_cannot_be_written_or_loaded_is_one_line_naming_the_op(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from edgetrain.data import load_data
+    from edgetrain.errors import ConfigError
+    from edgetrain.export import _onnx
+
+    data = load_data("digits", "test", channels=1, limit=16)
+    mystery = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    mystery.register_forward_pre_hook(lambda _m, args: (_Mystery.apply(args[0]),))
+    with pytest.raises(ConfigError, match=r"onnxruntime cannot load .*m\.onnx \(it does not implement op 'Mystery' "
+                       r"\(domain edgetrain_test\)\); the file is kept") as e:
+        _onnx(mystery, data, tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and (tmp_path / "m.onnx").exists()
+    with pytest.raises(ConfigError, match=r"cannot be written as ONNX \(Exporting the operator 'aten::fft_fft' to ONNX") as e:
+        _onnx(_Fft().eval(), data, tmp_path / "f.onnx")
+    assert "\n" not in str(e.value)
+
+
 def test_executorch_training_program_steps_as_pytorch_does(tmp_path, capsys):
     """A sparse-update run's training program: one step in ExecuTorch's runtime (loss, gradients, SGD) against the
     same step in PyTorch, on what the plan trains (a half-channel weight slice, biases, the classifier)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,18 @@ def export(run: str | Path, out: str | Path, *, onnx: bool = True, pte: bool = T
     return info
 
 
+def _ort_reason(text: str) -> str:
+    """onnxruntime's load error in a few words, naming the op it lacks when it says which."""
+    missing = re.search(r"(\S*?):?(\w+)\(-?\d+\) is not a registered function/op", text)
+    if missing:
+        domain = f" (domain {missing.group(1)})" if missing.group(1) else ""
+        return f"it does not implement op {missing.group(2)!r}{domain}"
+    impl = re.search(r"Could not find an implementation for (\w+)\((\d+)\)", text)
+    if impl:
+        return f"no CPU implementation of op {impl.group(1)!r} (opset {impl.group(2)})"
+    return text.strip().splitlines()[0][:200]
+
+
 def _onnx(model: nn.Module, data, path: Path) -> dict[str, Any]:  # noqa: ANN001
     try:
         import onnx
@@ -154,10 +167,18 @@ def _onnx(model: nn.Module, data, path: Path) -> dict[str, Any]:  # noqa: ANN001
             from None
     x, _ = next(iter(data.batches(min(8, len(data)), shuffle=False, drop_last=False)))
     folded, n = fold_batchnorms(model, x)
-    torch.onnx.export(folded, (x,), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    try:
+        torch.onnx.export(folded, (x,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    except torch.onnx.errors.OnnxExporterError as e:  # an op with no ONNX form: torch names it
+        raise ConfigError(f"export: the model cannot be written as ONNX ({str(e).splitlines()[0]}); --no-onnx "
+                          "skips the ONNX file") from None
     onnx.checker.check_model(onnx.load(str(path)))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (onnxruntime's pybind errors share no public base class)
+        raise ConfigError(f"export: onnxruntime cannot load {path} ({_ort_reason(str(e))}); the file is kept for "
+                          "inspection, --no-onnx skips the ONNX file") from None
     agree, total, worst, top = 0, 0, 0.0, 0.0
     with torch.no_grad():
         for xb, _ in data.batches(256, shuffle=False, drop_last=False):
