@@ -91,6 +91,8 @@ class Workload:
         unknown = sorted(set(self.data_args) - set(DATA_ARGS))
         if unknown:
             raise ConfigError(f"Workload.data_args: unknown key(s) {unknown}; known: {', '.join(DATA_ARGS)}")
+        if not self.data_args:
+            return  # nothing to check against the data (and no look at the file system)
         kind = data_kind(self.data)
         for key in self.data_args:
             if kind != DATA_ARGS[key]:
