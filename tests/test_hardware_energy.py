@@ -165,3 +165,15 @@ def test_cli_energy_json_matches_the_library(capsys):
     assert {c["key"] for c in out["step_cost"]["constants"]} >= {"mac_pj", "dram.read_pj_per_byte"}
     assert cli_main(["estimate", "--model", "small_cnn", "--energy", "--profile", "nope"]) == 2
     assert "unknown device profile 'nope'" in capsys.readouterr().err
+
+
+def test_the_docs_python_blocks_run(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "hardware.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/hardware.md", "exec"), {})
+    assert "one step on 'horowitz45'" in capsys.readouterr().out
