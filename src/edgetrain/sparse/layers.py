@@ -39,7 +39,7 @@ class _SparseMM(torch.autograd.Function):
     unfolded (conv, ``geometry`` set). Returns (out, N) for a linear, (B, out, L) for a conv."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, crow: Tensor, col: Tensor, shape: tuple[int, int], x: Tensor,  # noqa: ANN001
+    def forward(ctx, values: Tensor, crow: Tensor, col: Tensor, shape: tuple[int, int], x: Tensor,
                 layer: SparseMixin, geometry: dict | None) -> Tensor:
         w = torch.sparse_csr_tensor(crow, col, values, shape)
         xm = _as_matrix(x, geometry)
@@ -52,10 +52,10 @@ class _SparseMM(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad: Tensor):
         values, crow, col, x = ctx.saved_tensors
         geometry = ctx.geometry
-        out, k = ctx.shape
+        out = ctx.shape[0]
         gy = grad.transpose(0, 1).reshape(out, -1) if geometry is not None else grad  # (out, N)
         xm = _as_matrix(x, geometry)  # (K, N)
         w = torch.sparse_csr_tensor(crow, col, values, ctx.shape)
