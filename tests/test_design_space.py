@@ -25,15 +25,16 @@ def test_one_gemm_on_one_design_point_by_hand():
     c = ds.gemm_cost(g, _int8())
     # weights held: k = 3 > 2 rows -> 2 row blocks x 1 column block = 2 tiles of (4 streamed + 2 + 2) cycles
     assert c["stationary"] == "B" and c["cycles"] == 16
-    # buffer: weights once (6 B), inputs once per column block (12 B), psums 8 x 4 B written twice, read once
-    assert c["sram_bytes"] == 6 + 12 + 8 * 4 * 3
     # DRAM: output 8 B + inputs 12 B + weights 6 B (everything fits half the buffer: 32 B)
     assert c["dram_bytes"] == 26
+    # buffer: weights once (6 B), inputs once per column block (12 B), psums 8 x 4 B written twice, read once, and
+    # the 26 DRAM bytes passing through
+    assert c["sram_bytes"] == 6 + 12 + 8 * 4 * 3 + 26 == 140
     sram_pj = 10 / 8 * math.sqrt(64 / 8192)  # Horowitz's 8 KB SRAM, 10 pJ per 64 bits, scaled by sqrt(size)
     assert c["compute_j"] == pytest.approx(24 * (0.2 + 0.1) * 1e-12, rel=1e-12)  # 24 MACs x (int8 mult + int32 add)
-    assert c["sram_j"] == pytest.approx(114 * sram_pj * 1e-12, rel=1e-12)
+    assert c["sram_j"] == pytest.approx(140 * sram_pj * 1e-12, rel=1e-12)
     assert c["dram_j"] == pytest.approx(26 * 160e-12, rel=1e-12)
-    assert c["energy_j"] == pytest.approx((7.2 + 114 * sram_pj + 4160) * 1e-12, rel=1e-12)
+    assert c["energy_j"] == pytest.approx((7.2 + 140 * sram_pj + 4160) * 1e-12, rel=1e-12)
     assert c["seconds"] == pytest.approx(16e-9, rel=1e-12)  # compute-bound: 26 B / 12.8 GB/s = 2.03 ns < 16 ns
     assert not c["memory_bound"]
     # area: 4 PEs x (282 + 137) um^2 + 64 B x 8 bits x 600 lambda^2 (lambda = 45 nm)
@@ -59,6 +60,10 @@ def test_dram_blocking_refetches_when_nothing_fits():
     # each blocking re-reads the other operand 4 times: 16 + 4 x 16 KiB (+ the 16 KiB output)
     c = ds.gemm_cost(ds.Gemm("sq", 64, 64, 64), ds.Accelerator("fp32", 8, 8, 8192))
     assert c["dram_bytes"] == 16384 + 16384 + 4 * 16384
+    # a weight-gradient-like GEMM (long reduction, small output) in int8: the 64 x 64 output's 32-bit partial sums
+    # (16 KiB) need 4 blocks of the 4 KiB half-buffer, each streaming both 256 KiB inputs; written at 32 bits
+    c = ds.gemm_cost(ds.Gemm("dW", 64, 4096, 64, out="acc"), ds.Accelerator("int8", 8, 8, 8192))
+    assert c["dram_bytes"] == 4 * (262144 + 262144) + 64 * 64 * 4
 
 
 def test_depthwise_groups_are_packed():

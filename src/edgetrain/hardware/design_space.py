@@ -262,6 +262,7 @@ def gemm_cost(g: Gemm, acc: Accelerator) -> dict[str, Any]:
     best = None
     for stationary in ("B", "A"):
         o = _orientation(g, acc, stationary)
+        o["sram_bytes"] += dram  # every DRAM byte is also written into (or read out of) the buffer once
         parts = {"compute_j": g.macs * pe.mac_pj * 1e-12, "sram_j": o["sram_bytes"] * acc.sram_pj_per_byte * 1e-12,
                  "dram_j": dram * acc.dram_pj_per_byte * 1e-12}
         energy = sum(parts.values())
