@@ -72,7 +72,7 @@ class DynamicSparse:
             which the topology is fixed.
         c, eps, normalize_grad: DST-EE's exploration coefficient and ``eps``; divide ``|g|`` by its layer mean.
         seed: the initial patterns draw from a generator seeded ``seed``; SET's growth from one seeded ``seed + 1``
-            (one ``rand(numel)`` per layer per update, layers in model order).
+            (one ``rand(numel)`` in the layer's dtype per layer per update, layers in model order).
     """
 
     def __init__(self, model: nn.Module, density: float, method: str = "rigl", *, total_steps: int,
@@ -163,15 +163,15 @@ class DynamicSparse:
         steps active so far; ``None`` for SET and RigL."""
         if self.method != "dst_ee" or self.c == 0:
             return None
-        n = layer.coverage.to(torch.float64) * self.delta_t
-        return self.c * torch.sqrt(math.log(max(t, 2)) / (n + self.eps))
+        b = layer.coverage.to(layer.values.dtype)  # one dense float transient, then in place
+        return b.mul_(self.delta_t).add_(self.eps).reciprocal_().mul_(math.log(max(t, 2))).sqrt_().mul_(self.c)
 
     @torch.no_grad()
     def _score(self, layer: SparseMixin, gy: Tensor, xm: Tensor) -> None:
         """The update step's backward hook: score every position from the dense gradient ``dY @ X^T`` and keep only
         the top ``k`` inactive candidates and the active positions' scores."""
         t = self.t + 1
-        score = (gy @ xm.t()).abs_().reshape(-1).to(torch.float64)
+        score = (gy @ xm.t()).abs_().reshape(-1)  # the one dense (out, K) tensor, in the layer's dtype
         if self.normalize_grad:
             mean = score.mean()
             if mean > 0:
@@ -182,6 +182,7 @@ class DynamicSparse:
             b = self.bonus(layer, t)
             if b is not None:
                 score += b
+                del b
         active = score[flat].clone()
         score[flat] = -math.inf
         k = min(self._k(layer, t), score.numel() - flat.numel())
@@ -222,7 +223,7 @@ class DynamicSparse:
         keep = torch.ones(layer.nnz, dtype=torch.bool)
         keep[drop] = False
         if cand is None:  # SET: uniform random among the positions not kept
-            score = torch.rand(numel, generator=self.grow_gen, dtype=torch.float64)
+            score = torch.rand(numel, generator=self.grow_gen, dtype=vals.dtype)
             score[flat[keep]] = -math.inf
             grow = torch.topk(score, k).indices
         else:
