@@ -41,6 +41,27 @@ def test_one_gemm_on_one_design_point_by_hand():
     assert _int8().area_mm2 == pytest.approx((4 * 419 + 512 * 600 * 0.045**2) * 1e-6, rel=1e-12)
 
 
+def test_one_layer_training_step_by_hand():
+    # a bias-free linear layer 3 -> 2 trained at batch 4 (its input needs no gradient): forward (4 x 3) @ (3 x 2)
+    # as above, and the weight gradient (3 x 4) @ (4 x 2) = X^T dY, written as 6 32-bit partial sums
+    gemms, info = ds.workload(nn.Linear(3, 2, bias=False), torch.zeros(4, 3), batch_size=4)
+    assert [(g.m, g.k, g.n, g.out) for g in gemms] == [(4, 3, 2, "act"), (3, 4, 2, "acc")]
+    point = ds.evaluate(gemms, _int8())
+    # dW, weights (here dY) held: k = 4 -> 2 row blocks, 2 tiles of (3 + 2 + 2) cycles
+    assert point["cycles"] == 16 + 14 and point["macs"] == 48 == info["macs"]
+    # dW DRAM: X 12 B + dY 8 B + dW 6 x 4 B; buffer: dY 8 + X 12 + psums 6 x 4 x 3 + its 44 DRAM bytes
+    assert point["dram_bytes"] == 26 + 44 and point["sram_bytes"] == 140 + (8 + 12 + 72 + 44)
+    sram_pj = 10 / 8 * math.sqrt(64 / 8192)
+    energy = (48 * 0.3 + 276 * sram_pj + 70 * 160) * 1e-12
+    assert point["energy_j"] == pytest.approx(energy, rel=1e-12)
+    assert point["seconds"] == pytest.approx(30e-9, rel=1e-12)  # both compute-bound (44 B take 3.4 ns)
+    area = (4 * 419 + 512 * 600 * 0.045**2) * 1e-6
+    assert point["area_mm2"] == pytest.approx(area, rel=1e-12) and point["utilization"] == 48 / (4 * 30)
+    assert point["perf_per_area"] == pytest.approx(1 / 30e-9 / area, rel=1e-12)
+    assert point["steps_per_j"] == pytest.approx(1 / energy, rel=1e-12)
+    assert point["perf_per_energy"] == pytest.approx(1 / (30e-9 * energy), rel=1e-12)
+
+
 def test_the_other_orientation_by_hand():
     # the same GEMM with A^T held: 2 row blocks x 2 column blocks (m = 4 > 2 columns) of (2 + 2 + 2) cycles
     o = ds._orientation(ds.Gemm("fc", 4, 3, 2), _int8(), "A")
