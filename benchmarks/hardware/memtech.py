@@ -25,7 +25,7 @@ from edgetrain.bench import provenance, result_paths
 from edgetrain.cost import estimate
 from edgetrain.devices import KiB, parse_size
 from edgetrain.errors import ConfigError
-from edgetrain.hardware.memtech import DRAM, LINE, PAPER, TECHNOLOGIES, compare, llc
+from edgetrain.hardware.memtech import DRAM, LINE, PAPER, TECHNOLOGIES, compare, llc, parse_dram
 from edgetrain.models import create_model
 from edgetrain.report import run_main, write_report
 
@@ -49,17 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--capacities", default="256KiB,1MiB,2MiB", help="SRAM LLC capacities (comma-separated)")
-    ap.add_argument("--l1", default="32KiB", help="the level above the LLC (0 for none)")
+    ap.add_argument("--l1", default="32KiB", help="the level above the LLC (0 or none: no level)")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--dram-line-ns", type=float, default=None,
+                    help="DRAM time per 64-byte line instead of the 30 ns closed-page latency, e.g. 5 (64 B at the "
+                         "12.8 GB/s of LPDDR4-3200 x32: a bandwidth-bound, fully overlapped stream)")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
     unknown = [m for m in a.models.split(",") if m not in MODELS]
     if unknown:
         raise ConfigError(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     caps = [parse_size(c) for c in a.capacities.split(",")]
-    l1 = parse_size(a.l1)
+    l1 = 0 if a.l1 in ("0", "none") else parse_size(a.l1)
     for c in caps:
         llc("sram", c)  # refuses a capacity outside the table before any work
+    dram = DRAM
+    if a.dram_line_ns is not None:
+        dram = parse_dram({
+            "read_pj_per_byte": {"value": DRAM.read_pj_per_byte.value, "source": DRAM.read_pj_per_byte.source},
+            "write_pj_per_byte": {"value": DRAM.write_pj_per_byte.value, "source": DRAM.write_pj_per_byte.source},
+            "line_latency_s": {"value": a.dram_line_ns * 1e-9, "source": "--dram-line-ns (5: 64 B / 12.8 GB/s, "
+                               "LPDDR4-3200 x32 peak, as in the raspberry_pi_4 profile)"}})
     paths = result_paths(a.out, f"memtech-{a.name}", force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             table = estimate(model, recipe, batch_size=batch, example=x)
             with et.apply_(model, recipe, x):
                 for cap in caps:
-                    for r in compare(table, cap, model, upper=upper):
+                    for r in compare(table, cap, model, upper=upper, dram=dram):
                         rows.append({"model": mname, "recipe": rname, "input": list(shape), "batch": batch,
                                      "sram_capacity": cap, **r})
             print(f"[memtech] {mname} {rname}: done", file=sys.stderr, flush=True)
@@ -92,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
                 k: {"max": max(r[k] for r in sel), "min": min(r[k] for r in sel), "geomean": _geo([r[k] for r in sel])}
                 for k in ("edp_ratio", "llc_edp_ratio", "area_ratio", "capacity_ratio")}
     prov.update(batch=batch, l1_bytes=l1, l1_source=L1_SOURCE, line_bytes=LINE.value, line_source=LINE.source,
-                dram=[{"key": k, "value": getattr(DRAM, k).value, "source": getattr(DRAM, k).source}
+                optimizer=f"{table.optimizer} (edgetrain.cost.estimate's default)",
+                dram=[{"key": k, "value": getattr(dram, k).value, "source": getattr(dram, k).source}
                       for k in ("read_pj_per_byte", "write_pj_per_byte", "line_latency_s")],
                 tables={t: [{"capacity": c, "constants": [{"key": k, "value": v, "source": s}
                                                           for k, v, s in llc(t, c).constants()]} for c in caps]
                         for t in TECHNOLOGIES})
     lines = [("Last-level cache technology per training step (a first-order model, not a measurement): batch "
-             f"{batch}, L1 {l1 / KiB:g} KiB, 64-byte lines, DRAM {DRAM.read_pj_per_byte.value:g} pJ/B and "
-             f"{DRAM.line_latency_s.value * 1e9:g} ns per line. Ratios are SRAM / technology (> 1: the technology "
+             f"{batch}, L1 {l1 / KiB:g} KiB, 64-byte lines, DRAM {dram.read_pj_per_byte.value:g} pJ/B and "
+             f"{dram.line_latency_s.value * 1e9:g} ns per line. Ratios are SRAM / technology (> 1: the technology "
              "is better)."), "",
              ("| model | recipe | SRAM LLC | technology | mode | capacity KiB | area mm^2 | step in | LLC uJ | "
              "DRAM uJ | latency ms | EDP nJs | EDP ratio | LLC-EDP ratio | area ratio |"),
