@@ -3,5 +3,8 @@
 Each module is one model with its equations and sourced constants (docs/hardware.md):
 
 * :mod:`edgetrain.hardware.energy`: energy and time of a training step per device profile, from the cost model's
-  per-layer MACs and bytes moved, split by memory level and layer.
+  per-layer MACs and bytes moved, split by memory level and layer (:mod:`.profiles`: device profiles with a source
+  on every constant; :mod:`.calibrate`: this machine's rates, measured).
+* :mod:`edgetrain.hardware.design_space`: a QUIDAM-style sweep (PE type x array x buffer): area, energy and latency of
+  a training step on a weight-stationary systolic accelerator (docs/design_space.md).
 """
