@@ -7,4 +7,6 @@ Each module is one model with its equations and sourced constants (docs/hardware
   on every constant; :mod:`.calibrate`: this machine's rates, measured).
 * :mod:`edgetrain.hardware.design_space`: a QUIDAM-style sweep (PE type x array x buffer): area, energy and latency of
   a training step on a weight-stationary systolic accelerator (docs/design_space.md).
+* :mod:`edgetrain.hardware.memtech`: SRAM vs STT-/SOT-MRAM last-level cache at iso-capacity and iso-area, priced with a
+  step's traffic (DeepNVM++-style; docs/memory_technology.md).
 """
