@@ -8,7 +8,10 @@ measured step times (``benchmarks/hardware/step_time.py``).
 
 * ``macs_per_second``: a 1024 x 1024 x 1024 fp32 matmul.
 * ``efficiency``: a kind's rate over the matmul's: conv (3x3, 64 -> 64 channels, 32 x 32, batch 8), depthwise (3x3,
-  192 channels, 32 x 32, batch 8), linear (batch 256, 512 -> 512).
+  192 channels, 32 x 32, batch 8), linear (batch 256, 512 -> 512); ``<kind>_backward``: the same kernels' input and
+  weight gradients (two products each); ``other`` / ``other_backward``: train-mode BatchNorm + ReLU on
+  8 x 64 x 32 x 32, the bytes the energy model counts for them over the L3 copy bandwidth (elementwise kernels are
+  slower than a copy).
 * ``op_overhead_s``: the time one more ``Linear(1, 1)`` adds to a forward and backward on one sample, halved
   (PyTorch's per-op dispatch and autograd bookkeeping, charged once per layer per pass): 33 layers against 1.
 * ``step_overhead_s``: a whole step (zero_grad, cross-entropy, backward, SGD-momentum step) of ``Linear(1, 1)`` less
@@ -41,6 +44,30 @@ def _best(fn: Callable[[], object], repeat: int = 3, inner: int = 1) -> float:
     return best
 
 
+def _backward_rate(x, w, kw, op, fwd_rate) -> float:  # noqa: ANN001
+    """MACs per second of the backward (input and weight gradients: two products the size of the forward's)."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.no_grad():
+        gy = torch.ones_like(op(x, w, **kw))
+    macs = gy.numel() * (w[0].numel() if op is F.conv2d else w.shape[1])
+    seconds = _best(lambda: op(x, w, **kw).backward(gy)) - macs / fwd_rate  # less the forward
+    return 2 * macs / max(seconds, 1e-9)
+
+
+def _elementwise_seconds(x: torch.Tensor) -> tuple[float, float]:
+    """Forward and backward seconds of train-mode BatchNorm + ReLU on ``x`` (the cost model's elementwise rows)."""
+    c = x.shape[1]
+    xg = x.clone().requires_grad_()
+    wb, bb = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+
+    def fwd() -> torch.Tensor:
+        return F.relu(F.batch_norm(xg, None, None, wb, bb, training=True))
+
+    t_fwd = _best(fwd)
+    t_both = _best(lambda: fwd().backward(torch.ones_like(x)))
+    return t_fwd, max(t_both - t_fwd, 1e-9)
+
+
 def _cache_bytes(level: int) -> int | None:
     for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
@@ -71,6 +98,12 @@ def _measure(threads: int) -> dict:
     dw = 8 * 192 * 32 * 32 * 9 / _best(lambda: F.conv2d(xd, wd, padding=1, groups=192))
     xl, wl = torch.randn(256, 512, generator=g), torch.randn(512, 512, generator=g)
     lin = 256 * 512 * 512 / _best(lambda: F.linear(xl, wl), inner=10)
+    back = {"conv": (x, w, {"padding": 1}, F.conv2d, conv), "depthwise": (xd, wd, {"padding": 1, "groups": 192},
+                                                                            F.conv2d, dw),
+            "linear": (xl, wl, {}, F.linear, lin)}
+    backward = {k: _backward_rate(*v) for k, v in back.items()}
+    xe = torch.randn(8, 64, 32, 32, generator=g)  # 2 MiB: in + out of each op fit the L3 level
+    other_fwd, other_bwd = _elementwise_seconds(xe)
     one = torch.ones(1, 1)
     short, long = torch.nn.Sequential(torch.nn.Linear(1, 1)), torch.nn.Sequential(*[torch.nn.Linear(1, 1)] * 33)
     overhead = (_best(lambda: long(one).sum().backward(), inner=50)
@@ -93,14 +126,26 @@ def _measure(threads: int) -> dict:
                            "bandwidth": {"value": _bandwidth(size), "source": f"{src}: copy_ of {size // 1024} KiB"}})
     levels.append({"name": "dram", "bandwidth": {"value": _bandwidth(256 * 1024**2),
                                                  "source": f"{src}: copy_ of 256 MiB"}})
+    # the bytes the energy model counts for BN + ReLU on xe: forward reads in, writes out (x2 ops); backward reads
+    # the output's gradient and the saved input, writes the input's gradient (x2 ops)
+    n = xe.numel() * 4
+    l3 = next((lv for lv in levels if lv["name"] == "l3"), levels[-1])["bandwidth"]["value"]
+    other = 2 * 2 * n / l3 / other_fwd
+    other_back = 2 * 3 * n / l3 / other_bwd
+    kinds = {"conv": "3x3 conv 64->64 at 32x32, batch 8", "depthwise": "3x3 depthwise, 192 channels at 32x32, "
+             "batch 8", "linear": "linear 512->512, batch 256"}
+    efficiency = {"conv": conv / mm, "depthwise": dw / mm, "linear": lin / mm}
+    eff = {k: {"value": v, "source": f"{src}: {kinds[k]}, over the matmul"} for k, v in efficiency.items()}
+    eff.update({f"{k}_backward": {"value": backward[k] / mm, "source": f"{src}: input and weight gradients of the "
+                                  f"{kinds[k]}, over the matmul"} for k in kinds})
+    eff["other"] = {"value": other, "source": f"{src}: BatchNorm (train) + ReLU forward on 8x64x32x32, the bytes "
+                    "this model counts over the L3 copy bandwidth"}
+    eff["other_backward"] = {"value": other_back, "source": f"{src}: the same ops' backward"}
     return {
         "name": "host", "description": f"this machine ({threads} torch thread(s)): rates measured, no energy constants",
         "compute": {
             "macs_per_second": {"value": mm, "source": f"{src}: 1024^3 fp32 matmul"},
-            "efficiency": {
-                "conv": {"value": conv / mm, "source": f"{src}: 3x3 conv 64->64 at 32x32, batch 8, over the matmul"},
-                "depthwise": {"value": dw / mm, "source": f"{src}: 3x3 depthwise, 192 channels at 32x32, batch 8"},
-                "linear": {"value": lin / mm, "source": f"{src}: linear 512->512, batch 256"}},
+            "efficiency": eff,
             "op_overhead_s": {"value": overhead, "source": f"{src}: per Linear(1, 1) per pass"},
             "step_overhead_s": {"value": max(per_step, 0.0), "source": f"{src}: a whole SGD-momentum step of "
                                 "Linear(1, 1) with cross-entropy, less its layer's two passes"},

@@ -29,7 +29,8 @@ backward MACs) reaches the bytes and MACs through the traced table.
 
 **Energy** = forward and backward MACs x ``mac_pj`` + bytes x each level's read/write energy + ``active_watts`` x
 time. **Time** = per layer and pass, the larger of compute (MACs / (``macs_per_second`` x the op kind's
-efficiency)) and memory (bytes / bandwidth, summed over levels), plus ``op_overhead_s``: a roofline per layer;
+efficiency for the pass)) and memory (bytes / bandwidth, summed over levels; a layer without MACs divides it by the
+``other`` efficiency), plus ``op_overhead_s``: a roofline per layer;
 plus the profile's ``step_overhead_s`` once per step.
 """
 
@@ -193,9 +194,12 @@ def step_cost(table: CostTable, profile: Profile, model: nn.Module | None = None
                     e_by[name] += e * 1e-12
                     e_layer += e * 1e-12
             if want_time and (t.macs[p] or t.bytes(p)):
-                eff = profile.efficiency.get(t.kind)
-                compute = t.macs[p] / (profile.macs_per_second.value * (eff.value if eff else 1.0))
+                eff = profile.efficiency.get(f"{t.kind}_backward" if p == "backward" else t.kind,
+                                             profile.efficiency.get(t.kind))
+                e = eff.value if eff else 1.0
+                compute = t.macs[p] / (profile.macs_per_second.value * (e if t.kind != "other" else 1.0))
                 memory = sum((t.reads[p][n] + t.writes[p][n]) / x.bandwidth.value for n, x in lv.items())
+                memory /= e if t.kind == "other" and p != "optimizer" else 1.0
                 over = profile.op_overhead_s.value if profile.op_overhead_s and p != "optimizer" else 0.0
                 dt = max(compute, memory) + over
                 by_pass[p] += dt

@@ -11,7 +11,8 @@ A profile is a mapping (the built-ins below, or a YAML file given as ``--profile
     compute:
       mac_pj: {value: 4.6, source: "Horowitz, ISSCC 2014 (45 nm): fp32 multiply 3.7 pJ + add 0.9 pJ"}
       macs_per_second: {value: 2.0e9, source: "datasheet ..."}
-      efficiency: {depthwise: {value: 0.2, source: "our assumption"}}   # optional, per op kind (default 1)
+      efficiency: {depthwise: {value: 0.2, source: "our assumption"}}   # optional, per op kind (default 1);
+                                                                          # <kind>_backward for the backward pass
       op_overhead_s: {value: 2.0e-6, source: "..."}                       # optional, per layer and pass
       step_overhead_s: {value: 1.0e-4, source: "..."}                     # optional, per step
     active_watts: {value: 0.0, source: "..."}   # power drawn while the step runs, beyond the per-access energies
@@ -44,7 +45,10 @@ from typing import Any
 from edgetrain.devices import KiB, MiB, parse_size
 from edgetrain.errors import ConfigError
 
-OP_KINDS = ("conv", "depthwise", "linear")  # the op kinds a profile may give an efficiency for
+OP_KINDS = ("conv", "depthwise", "linear", "other")  # the op kinds a profile may give an efficiency for
+#: efficiency keys: a kind (both passes) or ``<kind>_backward`` (the backward pass only, overriding the kind's);
+#: a conv/linear kind scales the MAC rate, ``other`` (layers without MACs: norms, activations) the bandwidth
+EFFICIENCY_KEYS = OP_KINDS + tuple(f"{k}_backward" for k in OP_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +156,9 @@ def parse_profile(d: Any) -> Profile:
         raise ConfigError(f"profile {d['name']!r}: unknown compute keys {sorted(bad)}; known: mac_pj, "
                           "macs_per_second, efficiency, op_overhead_s, step_overhead_s")
     eff = comp.get("efficiency") or {}
-    if not isinstance(eff, dict) or set(eff) - set(OP_KINDS):
-        raise ConfigError(f"profile {d['name']!r}: compute.efficiency is a mapping of op kinds {OP_KINDS}, "
-                          f"got {eff!r}")
+    if not isinstance(eff, dict) or set(eff) - set(EFFICIENCY_KEYS):
+        raise ConfigError(f"profile {d['name']!r}: compute.efficiency is a mapping of op kinds {OP_KINDS} (or "
+                          f"<kind>_backward), got {eff!r}")
     levels = d.get("levels")
     if not isinstance(levels, list) or not levels:
         raise ConfigError(f"profile {d['name']!r}: levels must be a non-empty list (fastest first)")
@@ -234,7 +238,7 @@ BUILTIN: dict[str, dict] = {
                                   "precision VFMA issued per cycle (peak; our reading)"),
             "efficiency": {k: _c(0.25, "our assumption: a quarter of the FPU peak for loads, address arithmetic and "
                                  "loop overhead around each multiply-accumulate (not measured on a board)")
-                           for k in OP_KINDS},
+                           for k in OP_KINDS[:3]},
         },
         "active_watts": _c(0.33, "STM32F746 datasheet (DS10916), run mode at 216 MHz from flash with ART, peripherals "
                            "disabled: about 100 mA typical at 3.3 V (approximate; we could not re-read the table "
