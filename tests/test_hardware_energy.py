@@ -67,6 +67,16 @@ def test_efficiency_and_capacity_move_the_layer():
     d["compute"] = {**d["compute"], "efficiency": {"linear": _c(0.25)}}
     c = step_cost(one_linear(), parse_profile(d))
     assert c.time_by_pass["backward"] == pytest.approx(48 / 2)  # 48 MACs at 8 x 0.25 per second: compute-bound now
+    d["compute"]["efficiency"] = {"linear": _c(0.25), "linear_backward": _c(0.1)}
+    c = step_cost(one_linear(), parse_profile(d))
+    assert c.time_by_pass["forward"] == pytest.approx(24 / 2)  # the forward keeps the kind's 0.25: 12 > 9.76
+    assert c.time_by_pass["backward"] == pytest.approx(48 / 0.8)
+    relu = LayerCost(name="act", kind="ReLU", in_shape=(3,), out_shape=(3,), saved_per_sample=12.0)
+    table = CostTable({"act": relu}, batch_size=2, optimizer="sgd", input_shape=(3,))
+    d["compute"]["efficiency"] = {"other": _c(0.5), "other_backward": _c(0.25)}
+    c = step_cost(table, parse_profile(d))  # in 24 B + out 24 B streaming in "fast"; saved 24 B resident there too
+    assert c.time_by_pass["forward"] == pytest.approx((24 + 24) / 100 / 0.5)
+    assert c.time_by_pass["backward"] == pytest.approx((24 + 24 + 24) / 100 / 0.25)  # grad out, saved, grad in
     d = toy()
     d["levels"][0]["capacity"] = _c(1024)  # everything fits the fast level: no write-back, all accesses fast
     c = step_cost(one_linear(), parse_profile(d))
