@@ -281,6 +281,15 @@ def test_missing_backward_on_update_step_is_one_line() -> None:
         ds.step()
 
 
+def test_second_backward_on_update_step_is_refused() -> None:
+    model = _mlp()
+    DynamicSparse(model, 0.2, "dst_ee", total_steps=100, delta_t=1)
+    x, y = torch.randn(4, 64), torch.randint(0, 10, (4,))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ConfigError, match="a second backward through the model at update step 1"):
+        F.cross_entropy(model(x), y).backward()
+
+
 def test_conv_model_trains_and_keeps_nnz() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))

@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0 .. n-1 (initialisation, patterns, batch order)")
+    ap.add_argument("--skip-memory", action="store_true", help="accuracy rows only (no meter rows)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 run(m, s, seed)
     mem = []
     torch.manual_seed(0)
-    mem.append({"kind": "dense", "sparsity": 0.0, **meter(mlp(), batch)})
-    for s in sparsities:
+    if not a.skip_memory:
+        mem.append({"kind": "dense", "sparsity": 0.0, **meter(mlp(), batch)})
+    for s in [] if a.skip_memory else sparsities:
         torch.manual_seed(0)
         mem.append({"kind": "masked dense", "sparsity": s, **meter(add_masks(mlp(), 1 - s, a), batch, masked=True)})
         for kind in ("rigl", "dst_ee"):
@@ -230,8 +232,8 @@ def report_lines(rows: list[dict], mem: list[dict], a) -> list[str]:
         lines.append(f"| {m} | " + " | ".join(cell(m, s) for s in sp) + " |")
     lines += ["", ("Memory and time of one training step (edgetrain.measure, bytes; buffers: CSR indices, masks, "
                    "coverage counters):"), "",
-              "| kind | sparsity | params | grads | optimizer | buffers | peak | step ms | update-step peak delta "
-              "(plain step) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              ("| kind | sparsity | params | grads | optimizer | buffers | peak | step ms | update-step peak delta "
+               "(plain step) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in mem:
         upd = (f"{r['update_step_peak_delta']:,} ({r['plain_step_peak_delta']:,})" if "update_step_peak_delta" in r
                else "")

@@ -171,6 +171,9 @@ class DynamicSparse:
         """The update step's backward hook: score every position from the dense gradient ``dY @ X^T`` and keep only
         the top ``k`` inactive candidates and the active positions' scores."""
         t = self.t + 1
+        if id(layer) in self._cand:
+            raise ConfigError(f"DynamicSparse: a second backward through the model at update step {t}; gradient "
+                              f"growth needs one backward per step there (micro-batching is not supported)")
         score = (gy @ xm.t()).abs_().reshape(-1)  # the one dense (out, K) tensor, in the layer's dtype
         if self.normalize_grad:
             mean = score.mean()
