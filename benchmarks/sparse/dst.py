@@ -22,6 +22,7 @@ against a plain step. Writes ``<out>/<name>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import time
 
@@ -91,11 +92,32 @@ def add_masks(model: nn.Module, density: float, a) -> nn.Module:
     return model
 
 
-def meter(model: nn.Module, batch, masked: bool = False) -> dict:
+def sgd(model: nn.Module, masked: bool = False) -> torch.optim.Optimizer:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if masked:  # the masking libraries' step: the mask re-applied in place after every optimizer step
         pairs = [(m.weight, m.mask) for m in model.modules() if hasattr(m, "mask")]
         opt.register_step_post_hook(lambda *_: [w.data.mul_(mk) for w, mk in pairs])
+    return opt
+
+
+def interleaved_seconds(entries: list[tuple[nn.Module, torch.optim.Optimizer]], batch, rounds: int) -> list[float]:
+    """Median wall time of a plain step (forward, backward, optimizer step) of each model, the models taking turns
+    within each round so that a change of the machine's load falls on all of them alike."""
+    x, y = batch
+    times: list[list[float]] = [[] for _ in entries]
+    for r in range(rounds + 2):
+        for i, (model, opt) in enumerate(entries):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if r >= 2:  # two warm-up rounds
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def meter(model: nn.Module, batch, masked: bool = False) -> dict:
+    opt = sgd(model, masked)
     m = et.measure(model, batch, optimizer=opt, repeats=smoke.cap(20, smoke.REPEATS), warmup=2)
     return {"param_bytes": m.param_bytes, "grad_bytes": m.grad_bytes, "optimizer_bytes": m.optimizer_bytes,
             "buffer_bytes": m.peak_split.get("buffers", 0), "peak_bytes": m.peak_bytes, "saved_bytes": m.saved_bytes,
@@ -139,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0 .. n-1 (initialisation, patterns, batch order)")
     ap.add_argument("--skip-memory", action="store_true", help="accuracy rows only (no meter rows)")
+    ap.add_argument("--skip-train", action="store_true", help="meter and timing rows only (no training)")
+    ap.add_argument("--rounds", type=int, default=100, help="interleaved timing rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
@@ -179,18 +203,22 @@ def main(argv: list[str] | None = None) -> int:
                "nnz": sum(m.nnz for m in ds.layers.values()) if ds else None, "paper_claim": CLAIMS.get(method)}
         rows.append(row)
 
-    for seed in range(smoke.cap(a.seeds, 1)):
+    for seed in range(0 if a.skip_train else smoke.cap(a.seeds, 1)):
         run("dense", 0.0, seed)
         for s in sparsities:
             for m in methods:
                 run(m, s, seed)
-    mem = []
+    mem, timed = [], []
     torch.manual_seed(0)
     if not a.skip_memory:
-        mem.append({"kind": "dense", "sparsity": 0.0, **meter(mlp(), batch)})
+        model = mlp()
+        mem.append({"kind": "dense", "sparsity": 0.0, **meter(model, batch)})
+        timed.append((model, sgd(model)))
     for s in [] if a.skip_memory else sparsities:
         torch.manual_seed(0)
-        mem.append({"kind": "masked dense", "sparsity": s, **meter(add_masks(mlp(), 1 - s, a), batch, masked=True)})
+        model = add_masks(mlp(), 1 - s, a)
+        mem.append({"kind": "masked dense", "sparsity": s, **meter(model, batch, masked=True)})
+        timed.append((model, sgd(model, masked=True)))
         for kind in ("rigl", "dst_ee"):
             torch.manual_seed(0)
             model = mlp()
@@ -198,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             row = {"kind": f"sparse ({'SET/RigL' if kind == 'rigl' else 'DST-EE'})", "sparsity": s,
                    **meter(model, batch), **update_step_cost(kind, 1 - s, batch, a)}
             mem.append(row)
-            print(f"[dst] memory {row['kind']}@{s:g}: peak {row['peak_bytes']:,} B, step {row['step_seconds']:.5f} s",
-                  flush=True)
+            timed.append((model, sgd(model)))
+            print(f"[dst] memory {row['kind']}@{s:g}: peak {row['peak_bytes']:,} B", flush=True)
+    for row, sec in zip(mem, interleaved_seconds(timed, batch, smoke.cap(a.rounds, 1))):
+        row["step_seconds_interleaved"] = sec
     load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     prov.update(finished=provenance(a.threads)["date"], load=load, work="T2",
                 dataset="fashion-mnist 60k/10k, 28x28x1, dataset mean/std, no augmentation",
@@ -207,13 +237,17 @@ def main(argv: list[str] | None = None) -> int:
                 schedule=f"{a.steps} SGD steps (momentum 0.9, lr {a.lr} cosine, L2 {a.wd}) x batch {a.batch_size}, "
                          f"seeds 0..{a.seeds - 1}, the same initialisation and batch order for every row of a seed",
                 dst=f"ERK, delta_t {a.delta_t}, zeta0 0.3 cosine, T_end 0.75 T; DST-EE c {a.c}, eps 1, |g| / mean|g|",
-                memory=f"edgetrain.measure, batch {a.batch_size}, SGD momentum, 20 timed steps after 2 warm-up")
+                memory=f"edgetrain.measure, batch {a.batch_size}, SGD momentum, 20 timed steps after 2 warm-up",
+                interleaved=f"{a.rounds} rounds (after 2), each model one plain step per round in turn; median")
     result = {"provenance": prov, "rows": rows, "memory": mem}
     write_report(paths[0], result, paths[2], report_lines(rows, mem, a))
     return 0
 
 
 def report_lines(rows: list[dict], mem: list[dict], a) -> list[str]:
+    if not rows:
+        lines = ["# Dynamic sparse training, Fashion-MNIST T2: memory and step time (no training rows)"]
+        return lines + memory_lines(mem)
     sp = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
     seeds = sorted({r["seed"] for r in rows})
 
@@ -230,16 +264,22 @@ def report_lines(rows: list[dict], mem: list[dict], a) -> list[str]:
              "| method | " + " | ".join(f"{100 * s:g}% sparse" for s in sp) + " |", "|---|" + "---:|" * len(sp)]
     for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
         lines.append(f"| {m} | " + " | ".join(cell(m, s) for s in sp) + " |")
-    lines += ["", ("Memory and time of one training step (edgetrain.measure, bytes; buffers: CSR indices, masks, "
-                   "coverage counters):"), "",
-              ("| kind | sparsity | params | grads | optimizer | buffers | peak | step ms | update-step peak delta "
-               "(plain step) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    return lines + memory_lines(mem)
+
+
+def memory_lines(mem: list[dict]) -> list[str]:
+    if not mem:
+        return []
+    lines = ["", ("Memory and time of one training step (edgetrain.measure, bytes; buffers: CSR indices, masks, "
+                   "coverage counters; step ms: the meter's median of 20, and the median of the interleaved rounds):"),
+              "", ("| kind | sparsity | params | grads | optimizer | buffers | peak | step ms (meter) | step ms "
+                   "(interleaved) | update-step peak delta (plain step) |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in mem:
         upd = (f"{r['update_step_peak_delta']:,} ({r['plain_step_peak_delta']:,})" if "update_step_peak_delta" in r
                else "")
         lines.append(f"| {r['kind']} | {100 * r['sparsity']:g}% | {r['param_bytes']:,} | {r['grad_bytes']:,} | "
                      f"{r['optimizer_bytes']:,} | {r['buffer_bytes']:,} | {r['peak_bytes']:,} | "
-                     f"{1e3 * r['step_seconds']:.2f} | {upd} |")
+                     f"{1e3 * r['step_seconds']:.2f} | {1e3 * r['step_seconds_interleaved']:.2f} | {upd} |")
     return lines
 
 
