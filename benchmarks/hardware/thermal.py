@@ -14,7 +14,7 @@ Prevents Thermal Throttling*, ICML 2022 DyNN workshop, arXiv:2206.10849. Models 
 3. ``--seconds`` of frames at ``--fps`` on the PHONE device (SDM845 big cluster constants, lumped RC, step-wise
    governor), per frame size: always each width (the governor throttles the wide one), and the policy (predict
    ``--horizon`` s ahead, keep below the trip point) over {0.5, 1.0} (big/little) and over all four widths, and the
-   policy with its thermal resistance underestimated by ``--model-error`` (an imperfect thermal model).
+   policy with its thermal resistance underestimated by each of ``--model-errors`` (an imperfect thermal model).
 
 Writes ``<out>/fashion-thermal-<name>.{json,md,png}`` (latency, temperature and frequency over time).
 
@@ -72,25 +72,40 @@ def accuracy(model: SlimmableCNN, test: list, width: float) -> float:
     return right / sum(len(y) for _, y in test)
 
 
+def per_second(tr, values: list[float]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Seconds, and the mean, min and max of ``values`` over the frames started in each second."""
+    bins: dict[int, list[float]] = {}
+    for t, v in zip(tr.time, values):
+        bins.setdefault(int(t), []).append(v)
+    keys = sorted(bins)
+    return ([float(k) for k in keys], [sum(bins[k]) / len(bins[k]) for k in keys], [min(bins[k]) for k in keys],
+            [max(bins[k]) for k in keys])
+
+
 def figure(traces: dict, title: str, path, deadline_ms: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
     for label, tr in traces.items():
-        axes[0].plot(tr.time, [1e3 * x for x in tr.latency], label=label, lw=0.9)
-        axes[1].plot(tr.time, tr.temp, label=label, lw=0.9)
-        axes[2].plot(tr.time, tr.mhz, label=label, lw=0.9)
+        t, mean, lo, hi = per_second(tr, [1e3 * x for x in tr.latency])
+        line, = axes[0].plot(t, mean, label=label, lw=1.0)
+        axes[0].fill_between(t, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        axes[1].plot(*per_second(tr, tr.width)[:2], label=label, lw=1.0)
+        axes[2].plot(tr.time, tr.temp, label=label, lw=1.0)
+        axes[3].plot(*per_second(tr, tr.mhz)[:2], label=label, lw=1.0)
     axes[0].axhline(deadline_ms, color="k", ls=":", lw=0.8, label="deadline (frame period)")
-    axes[1].axhline(PHONE.trip, color="r", ls=":", lw=0.8, label="trip point")
-    axes[0].set_ylabel("latency per frame (ms)")
-    axes[1].set_ylabel("SoC temperature (C)")
-    axes[2].set_ylabel("big-cluster MHz")
-    axes[2].set_xlabel("time (s)")
-    axes[0].legend(fontsize=8, loc="upper left")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[2].axhline(PHONE.trip, color="r", ls=":", lw=0.8, label="trip point")
+    axes[0].set_ylabel("latency per frame (ms)\nmean per second,\nband: min-max")
+    axes[1].set_ylabel("width\n(mean per second)")
+    axes[2].set_ylabel("SoC temperature (C)")
+    axes[3].set_ylabel("big-cluster MHz\n(mean per second)")
+    axes[3].set_xlabel("time (s)")
+    axes[0].legend(fontsize=8, loc="center right")
+    axes[1].legend(fontsize=8, loc="center right")
+    axes[2].legend([axes[2].lines[-1]], ["trip point"], fontsize=8, loc="lower right")
     axes[0].set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -111,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--horizon", type=float, default=5.0, help="the policy's prediction horizon (s)")
     ap.add_argument("--margin", type=float, default=0.0, help="the policy keeps below trip - margin (C)")
-    ap.add_argument("--model-error", type=float, default=0.2, help="R underestimated by this fraction (0: off)")
+    ap.add_argument("--model-errors", default="0.2,0.5",
+                    help="comma-separated fractions by which the policy's model underestimates R (empty: none)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
@@ -124,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         raise et.ConfigError(f"--per-frame must be comma-separated ints, got {a.per_frame!r}") from None
     if any(f < 1 for f in frames) or a.plot_frame not in frames:
         raise et.ConfigError(f"--per-frame values must be >= 1 and include --plot-frame {a.plot_frame}, got {frames}")
-    if not 0 <= a.model_error < 1:
-        raise et.ConfigError(f"--model-error must be in [0, 1), got {a.model_error}")
+    try:
+        errors = [float(e) for e in a.model_errors.split(",") if e.strip()]
+    except ValueError:
+        raise et.ConfigError(f"--model-errors must be comma-separated numbers, got {a.model_errors!r}") from None
+    if any(not 0 < e < 1 for e in errors):
+        raise et.ConfigError(f"--model-errors must each be in (0, 1), got {errors}")
     paths = result_paths(a.out, f"fashion-thermal-{a.name}", force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
@@ -142,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     acc = {w: accuracy(model, test, w) for w in model.widths}
     print("[thermal] test accuracy by width: " + ", ".join(f"{w}: {100 * v:.2f}%" for w, v in acc.items()), flush=True)
     rows, plotted = [], {}
-    wrong = dataclasses.replace(PHONE.rc, r=PHONE.rc.r * (1 - a.model_error))
     for per in frames:
         macs = {}
         for w in model.widths:
@@ -150,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         set_width(model, 1.0)
         runs = [(f"always {w}", [w], None) for w in model.widths]
         runs += [("policy {0.5, 1.0}", [0.5, 1.0], None), ("policy all widths", list(model.widths), None)]
-        if a.model_error:
-            runs.append((f"policy all widths, R -{100 * a.model_error:g}%", list(model.widths), wrong))
+        runs += [(f"policy all widths, R -{100 * e:g}%", list(model.widths),
+                  dataclasses.replace(PHONE.rc, r=PHONE.rc.r * (1 - e))) for e in errors]
         for label, widths, rc in runs:
             tr = simulate(PHONE, macs, widths, seconds=a.seconds, fps=a.fps, horizon=a.horizon, margin=a.margin,
                           model=rc)
@@ -172,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 model="SlimmableCNN: 3x3 convs 16-32-64 (x width), switchable BN, ReLU, max pool, GAP, linear head",
                 schedule=f"{a.steps} AdamW steps (lr {a.lr}, cosine) x batch {a.batch_size}, all widths every step, "
                          f"{'labels' if a.no_distill else 'in-place distillation'} for the narrower widths, seed 0",
-                simulation=f"{a.seconds:g} s at {a.fps:g} fps, horizon {a.horizon} s, margin {a.margin} C, model "
-                           f"error {a.model_error}", device={**dataclasses.asdict(PHONE)},
+                simulation=f"{a.seconds:g} s at {a.fps:g} fps, horizon {a.horizon} s, margin {a.margin} C, the "
+                           f"policy's R underestimated by {errors} in the extra rows", device={**dataclasses.asdict(PHONE)},
                 device_sources=PHONE_SOURCES, paper_claim=CLAIM)
     result = {"provenance": prov, "training": res, "accuracy": {str(w): v for w, v in acc.items()}, "rows": rows}
     lines = ["# Thermal-aware execution, slimmable CNN on Fashion-MNIST (T2), simulated SDM845 big cluster", "",
