@@ -305,7 +305,7 @@ def test_conv_model_trains_and_keeps_nnz() -> None:
         loss.backward()
         opt.step()
         ds.step(opt)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert len(ds.history) == 4 and {n: m.nnz for n, m in ds.layers.items()} == nnz
     assert losses[-1] < losses[0]
     assert all(0.3 < v <= 1 for v in ds.coverage().values())

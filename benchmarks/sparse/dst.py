@@ -74,7 +74,8 @@ def train(model: nn.Module, ds: DynamicSparse | None, data, a, label: str, seed:
             if ds is not None:
                 ds.step(opt)
             step += 1
-            running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+            lv = float(loss.detach())
+            running = lv if running is None else 0.98 * running + 0.02 * lv
             if step % 500 == 0 or step == a.steps:
                 print(f"[dst] {label} step {step}/{a.steps} loss {running:.4f} ({time.perf_counter() - t0:.0f}s)",
                       flush=True)
