@@ -8,12 +8,13 @@ An MLP (784-h-h-10, ReLU; the crossbar's natural workload, no BatchNorm) is trai
 seeded initialisation and batch order, with AdamW (lr 1e-3, torch's weight decay 0.01), cosine schedule, batch 128,
 ``--steps`` steps:
 
-* ``plain``: nominal weights (once; evaluated at every sigma);
+* ``plain``: nominal weights (quantized with a straight-through gradient if ``--levels``; once; evaluated at every
+  sigma);
 * ``noise`` at each sigma: a fresh chip (D2D draw, and C2C if ``--c2c``) in every forward (noise injection);
 * ``adversarial`` at each sigma: ``--adv-steps`` PGD steps on the batch from a sampled chip within ``--k`` sigmas,
   then the step at the perturbation found.
 
-Each model at each of its sigmas: clean accuracy (nominal weights), the mean accuracy over ``--chips`` chips with a
+Each model at each of its sigmas: clean accuracy (the nominal weights, quantized to ``--levels`` if given), the mean accuracy over ``--chips`` chips with a
 95% Student-t interval and the worst chip (all on the 10,000 test images), and the worst case by PGD within
 ``--k`` sigmas per weight (``--pgd-steps`` steps maximizing the cross-entropy on the first ``--search`` test images;
 the perturbation is scored on all 10,000). Writes ``<out>/fashion-variation-<name>.{json,md}``.
@@ -35,7 +36,7 @@ import edgetrain as et
 from edgetrain import smoke
 from edgetrain.bench import provenance, result_paths
 from edgetrain.data import load_data
-from edgetrain.hardware.variation import Variation, accuracy, expected_accuracy, variation_step, worst_case
+from edgetrain.hardware.variation import Variation, accuracy, expected_accuracy, nominal, variation_step, worst_case
 from edgetrain.report import run_main, write_report
 from edgetrain.train import TrainConfig, lr_at
 
@@ -56,7 +57,7 @@ def train(model: nn.Module, data, variation: Variation | None, mode: str, a, lab
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, optimizer="adamw", lr=a.lr, schedule="cosine")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
     gen = torch.Generator().manual_seed(1)  # the chips drawn during training
-    var = variation or Variation(d2d=1.0)  # plain mode reads no sigma
+    var = variation or Variation(d2d=1.0, levels=a.levels)  # plain mode reads no sigma, only the levels
     step, t0, running = 0, time.perf_counter(), None
     while step < a.steps:
         for x, y in data.batches(a.batch_size, seed=0, epoch=step // data.steps_per_epoch(a.batch_size)):
@@ -81,7 +82,7 @@ def evaluate(model: nn.Module, test: list, search: list, variation: Variation, a
     strong = worst_case(model, search, variation, k=a.k, steps=a.pgd_strong, evaluate=test, seed=1) \
         if a.pgd_strong else None
     return {"d2d": variation.d2d, "c2c": variation.c2c, "levels": variation.levels,
-            "clean": accuracy(model, test), "mean": mc["mean"], "ci_half_width": mc["ci_half_width"],
+            "clean": accuracy(model, test, nominal(model, variation)), "mean": mc["mean"], "ci_half_width": mc["ci_half_width"],
             "worst_random": mc["worst"], "best_random": mc["best"], "per_chip": mc["per_chip"],
             "worst_case": wc["accuracy"], "worst_case_search_accuracy": wc["search_accuracy"],
             "pgd_curve": wc["curve"], "worst_case_strong": None if strong is None else strong["accuracy"],
