@@ -95,7 +95,7 @@ def test_backward_makes_no_dense_weight_gradient_unless_armed() -> None:
 
 # ------------------------------------------------------------------------------------------- growth references
 def _ref_update(w: Tensor, mask: Tensor, grad: Tensor, cover: Tensor, t: int, k: int, method: str, rand: Tensor | None,
-                c: float, eps: float) -> tuple[set[int], set[int]]:
+                c: float, eps: float, form: str = "sqrt") -> tuple[set[int], set[int]]:
     """Slow per-element RigL/SET/DST-EE: drop the k smallest |w| among active, grow the k best-scored positions not
     kept (|g| / mean|g| [+ c sqrt(ln t / (N + eps))], or a uniform random number). Returns (kept, grown)."""
     w, mask, grad, cover = (v.reshape(-1).tolist() for v in (w, mask, grad, cover))
@@ -111,17 +111,21 @@ def _ref_update(w: Tensor, mask: Tensor, grad: Tensor, cover: Tensor, t: int, k:
         else:
             scores[i] = abs(grad[i]) / mean
             if method == "dst_ee":
-                scores[i] += c * math.sqrt(math.log(max(t, 2)) / (cover[i] + eps))
+                ratio = math.log(max(t, 2)) / (cover[i] + eps)
+                scores[i] += c * (math.sqrt(ratio) if form == "sqrt" else ratio)
     grow = sorted(scores, key=lambda i: -scores[i])[:k]
     return kept, set(grow)
 
 
-@pytest.mark.parametrize("method,optim", [("set", "sgd"), ("rigl", "sgd"), ("dst_ee", "adam"), ("dst_ee", "sgd")])
-def test_growth_rules_match_slow_reference(method: str, optim: str) -> None:
+@pytest.mark.parametrize("method,optim,form", [("set", "sgd", "sqrt"), ("rigl", "sgd", "sqrt"),
+                                               ("dst_ee", "adam", "sqrt"), ("dst_ee", "sgd", "sqrt"),
+                                               ("dst_ee", "sgd", "linear")])
+def test_growth_rules_match_slow_reference(method: str, optim: str, form: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4)).double()
     total, dt, c, eps = 20, 2, 0.7, 1.0
-    ds = DynamicSparse(model, 0.4, method, total_steps=total, delta_t=dt, distribution="uniform", c=c, eps=eps, seed=3)
+    ds = DynamicSparse(model, 0.4, method, total_steps=total, delta_t=dt, distribution="uniform", c=c, eps=eps, seed=3,
+                       bonus=form)
     opt = (torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9) if optim == "sgd"
            else torch.optim.Adam(model.parameters(), lr=0.05))
     set_gen = torch.Generator().manual_seed(4)  # SET's growth stream: seed + 1
@@ -149,7 +153,8 @@ def test_growth_rules_match_slow_reference(method: str, optim: str) -> None:
         for n, m in ds.layers.items():
             k = round(zeta * m.nnz)
             rand = torch.rand(masks[n].numel(), generator=set_gen, dtype=D) if method == "set" else None
-            kept_ref, grown_ref = _ref_update(before[n][0], masks[n], grads[n], cover[n], t, k, method, rand, c, eps)
+            kept_ref, grown_ref = _ref_update(before[n][0], masks[n], grads[n], cover[n], t, k, method, rand, c, eps,
+                                              form)
             assert set(m.flat_indices().tolist()) == kept_ref | grown_ref, (n, t)
             old = set(masks[n].nonzero().view(-1).tolist())
             assert rec["layers"][n]["k"] == k and rec["layers"][n]["regrown"] == len(grown_ref & old)
@@ -269,7 +274,8 @@ def test_refuses_model_without_supported_layer_and_bad_options() -> None:
     for kw, frag in [({"method": "snip"}, "method: must be one of set, rigl, dst_ee"),
                      ({"distribution": "er"}, "distribution: must be one of erk, uniform"),
                      ({"delta_t": 0}, "delta_t"), ({"c": -1.0}, "c: must be"), ({"eps": 0.0}, "eps: must be"),
-                     ({"zeta0": 1.5}, "zeta0"), ({"t_end_frac": 0}, "t_end_frac")]:
+                     ({"zeta0": 1.5}, "zeta0"), ({"t_end_frac": 0}, "t_end_frac"),
+                     ({"bonus": "log"}, "bonus: must be one of sqrt, linear")]:
         with pytest.raises(ConfigError, match=frag):
             DynamicSparse(_mlp(), 0.5, total_steps=10, **kw)
 

@@ -44,6 +44,7 @@ from edgetrain.sparse.layers import SparseMixin, sparse_from_dense, unsupported
 __all__ = ["METHODS", "DynamicSparse"]
 
 METHODS = ("set", "rigl", "dst_ee")
+BONUSES = ("sqrt", "linear")
 
 
 def _check(cond: bool, what: str, allowed: str, got: object) -> None:
@@ -71,6 +72,8 @@ class DynamicSparse:
         delta_t, zeta0, t_end_frac: the update interval, initial drop fraction, and the fraction of training after
             which the topology is fixed.
         c, eps, normalize_grad: DST-EE's exploration coefficient and ``eps``; divide ``|g|`` by its layer mean.
+        bonus: DST-EE's exploration term: ``"sqrt"`` ``c * sqrt(ln t / (N + eps))`` (the spec's UCB form) or
+            ``"linear"`` ``c * ln t / (N + eps)`` (the issue's wording); which one the paper uses was not checked.
         seed: the initial patterns draw from a generator seeded ``seed``; SET's growth from one seeded ``seed + 1``
             (one ``rand(numel)`` in the layer's dtype per layer per update, layers in model order).
     """
@@ -78,7 +81,7 @@ class DynamicSparse:
     def __init__(self, model: nn.Module, density: float, method: str = "rigl", *, total_steps: int,
                  distribution: str = "erk", layers: list[str] | None = None, delta_t: int = 100, zeta0: float = 0.3,
                  t_end_frac: float = 0.75, c: float = 1.0, eps: float = 1.0, normalize_grad: bool = True,
-                 seed: int = 0) -> None:
+                 bonus: str = "sqrt", seed: int = 0) -> None:
         density = check_density(density, "DynamicSparse density")
         _check(method in METHODS, "method", f"one of {', '.join(METHODS)}", method)
         _check(distribution in DISTRIBUTIONS, "distribution", f"one of {', '.join(DISTRIBUTIONS)}", distribution)
@@ -88,10 +91,11 @@ class DynamicSparse:
         _check(isinstance(t_end_frac, (int, float)) and 0 < t_end_frac <= 1, "t_end_frac", "in (0, 1]", t_end_frac)
         _check(isinstance(c, (int, float)) and c >= 0 and math.isfinite(c), "c", "a finite number >= 0", c)
         _check(isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps), "eps", "a finite number > 0", eps)
+        _check(bonus in BONUSES, "bonus", f"one of {', '.join(BONUSES)}", bonus)
         _check(_is_int(seed) and seed >= 0, "seed", "an int >= 0", seed)
         self.method, self.density, self.distribution = method, density, distribution
         self.total_steps, self.delta_t, self.zeta0, self.t_end = total_steps, delta_t, float(zeta0), t_end_frac * total_steps
-        self.c, self.eps, self.normalize_grad = float(c), float(eps), normalize_grad
+        self.c, self.eps, self.normalize_grad, self.bonus_form = float(c), float(eps), normalize_grad, bonus
         targets = self._targets(model, layers)
         shapes = {n: tuple(m.weight.shape) for n, m in targets.items()}
         densities = layer_densities(shapes, density, distribution)
@@ -159,12 +163,13 @@ class DynamicSparse:
 
     # ------------------------------------------------------------------------------------------- scores
     def bonus(self, layer: SparseMixin, t: int) -> Tensor | None:
-        """DST-EE's exploration term per position (flat), ``c * sqrt(ln max(t, 2) / (N + eps))`` with ``N`` the
-        steps active so far; ``None`` for SET and RigL."""
+        """DST-EE's exploration term per position (flat), ``c * sqrt(ln max(t, 2) / (N + eps))`` (or without the
+        square root: ``bonus="linear"``) with ``N`` the steps active so far; ``None`` for SET and RigL."""
         if self.method != "dst_ee" or self.c == 0:
             return None
         b = layer.coverage.to(layer.values.dtype)  # one dense float transient, then in place
-        return b.mul_(self.delta_t).add_(self.eps).reciprocal_().mul_(math.log(max(t, 2))).sqrt_().mul_(self.c)
+        b.mul_(self.delta_t).add_(self.eps).reciprocal_().mul_(math.log(max(t, 2)))
+        return (b.sqrt_() if self.bonus_form == "sqrt" else b).mul_(self.c)
 
     @torch.no_grad()
     def _score(self, layer: SparseMixin, gy: Tensor, xm: Tensor) -> None:
