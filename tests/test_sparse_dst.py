@@ -247,6 +247,20 @@ def test_meter_sees_weights_gradients_optimizer_state_shrink(optim: str) -> None
     # the values saved: 0.5 sparse is not smaller than dense in weights + indices
 
 
+def test_sparse_layers_save_what_dense_layers_save() -> None:
+    """The meter: a sparse step keeps exactly the activations the dense step keeps, and nothing outside the hooks
+    (the conv's output is laid out as a dense conv's, so a Flatten after it stays a view)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    batch = (torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    dense = et.measure(model, batch, repeats=0)
+    DynamicSparse(model, 0.2, "rigl", total_steps=100)
+    sparse = et.measure(model, batch, repeats=0)
+    assert sparse.hidden_bytes == 0 and sparse.saved_by_module == dense.saved_by_module
+    # the conv's input (3,072 B) and the ReLU's output (8,192 B; the Linear's input is a view of it), the loss's 196 B
+    assert sparse.saved_bytes == dense.saved_bytes == 3072 + 8192 + 196
+
+
 # ------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan"), "0.5", True])
 def test_refuses_density_outside_0_1(density: object) -> None:

@@ -48,7 +48,7 @@ class _SparseMM(torch.autograd.Function):
         ctx.shape, ctx.layer, ctx.geometry = shape, layer, geometry
         if geometry is not None:
             b = x.shape[0]
-            return y.view(shape[0], b, -1).transpose(0, 1)  # (B, out, L)
+            return y.view(shape[0], b, -1).transpose(0, 1).contiguous()  # (B, out, L), laid out as a dense conv's
         return y
 
     @staticmethod
