@@ -34,10 +34,20 @@ from edgetrain import smoke
 from edgetrain.bench import provenance, result_paths
 from edgetrain.cost import estimate
 from edgetrain.data import load_data
-from edgetrain.hardware.thermal import PHONE, PHONE_SOURCES, SlimmableCNN, set_width, simulate, slimmable_step
+from edgetrain.hardware.thermal import (
+    PHONE,
+    PHONE_SOURCES,
+    WIDTHS,
+    SlimmableCNN,
+    channels,
+    set_width,
+    simulate,
+    slimmable_step,
+)
 from edgetrain.report import run_main, write_report
 from edgetrain.train import TrainConfig, lr_at
 
+CHANS = (16, 32, 64)  # SlimmableCNN's default channels at width 1
 CLAIM = ("Zhou et al. 2022 (Play It Cool, abstract): without shifting, throttling lowers the CPU clock and the "
          "inference latency may increase dramatically; with dynamic shifting between a large and a small "
          "shared-weight model the application runs without clock degradation or latency increase, at a reasonable "
@@ -112,6 +122,30 @@ def figure(traces: dict, title: str, path, deadline_ms: float) -> None:
     plt.close(fig)
 
 
+def individual(a, train_data, test: list, paths: list, prov: dict) -> int:
+    """One plain CNN per width (channels ``round(w * c)``, one BatchNorm each), trained alone on the labels."""
+    rows = []
+    for w in WIDTHS:
+        torch.manual_seed(0)
+        net = SlimmableCNN(widths=(1.0,), chans=tuple(channels(c, w) for c in CHANS))
+        res = train(net, train_data, a)
+        acc = accuracy(net, test, 1.0)
+        print(f"[thermal] individual width {w}: {100 * acc:.2f}%", flush=True)
+        rows.append({"name": f"individual {w}", "width": w, "accuracy": acc, **res,
+                     "params": sum(p.numel() for p in net.parameters()),
+                     "macs_per_image": estimate(net, input_shape=(1, 28, 28), batch_size=1).macs})
+    prov.update(finished=provenance(a.threads)["date"], work="T2", dataset="fashion-mnist 60k/10k, 28x28x1",
+                model=f"plain CNN per width: 3x3 convs {'-'.join(str(c) for c in CHANS)} x width, BN, ReLU, GAP, linear",
+                schedule=f"{a.steps} AdamW steps (lr {a.lr}, cosine) x batch {a.batch_size}, labels, seed 0, each",
+                paper_claim=CLAIM)
+    lines = ["# Individually trained networks per width (the slimmable network's baseline), Fashion-MNIST T2", "",
+             "| width | test accuracy % | params | MACs per image | train s |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['width']} | {100 * r['accuracy']:.2f} | {r['params']} | {r['macs_per_image']} | "
+              f"{r['train_seconds']} |" for r in rows]
+    write_report(paths[0], {"provenance": prov, "rows": rows}, paths[2], lines)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -128,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=float, default=0.0, help="the policy keeps below trip - margin (C)")
     ap.add_argument("--model-errors", default="0.2,0.5",
                     help="comma-separated fractions by which the policy's model underestimates R (empty: none)")
+    ap.add_argument("--individual", action="store_true",
+                    help="instead: train one plain network per width (Yu et al.'s baseline), same schedule and seed; "
+                         "writes fashion-thermal-individual-<name>")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
@@ -146,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         raise et.ConfigError(f"--model-errors must be comma-separated numbers, got {a.model_errors!r}") from None
     if any(not 0 < e < 1 for e in errors):
         raise et.ConfigError(f"--model-errors must each be in (0, 1), got {errors}")
-    paths = result_paths(a.out, f"fashion-thermal-{a.name}", force=a.force)
+    paths = result_paths(a.out, f"fashion-thermal{'-individual' if a.individual else ''}-{a.name}", force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
     try:
@@ -156,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"Fashion-MNIST is needed for T2 (Debian package dataset-fashion-mnist): {e}")
     test_data.transform = train_data.transform  # evaluate with the training split's statistics
     test = list(test_data.batches(1000, shuffle=False, drop_last=False))
+    if a.individual:
+        return individual(a, train_data, test, paths, prov)
     torch.manual_seed(0)
     model = SlimmableCNN()
     res = train(model, train_data, a)

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from edgetrain.errors import ConfigError
 
-__all__ = ["PHONE", "PHONE_SOURCES", "RC", "Device", "Governor", "SlimmableCNN", "Trace", "choose_width", "set_width",
-           "simulate", "slimmable_step"]
+__all__ = ["PHONE", "PHONE_SOURCES", "RC", "WIDTHS", "Device", "Governor", "SlimmableCNN", "Trace", "channels",
+           "choose_width", "set_width", "simulate", "slimmable_step"]
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)  # the switches of Yu et al. 2019 (S-Net, section 4)
 # SDM845 big cluster (Kryo 385 Gold, CPU4-7), Linux arch/arm64/boot/dts/qcom/sdm845.dtsi cpu4_opp_table: every 4th
@@ -157,7 +157,7 @@ def linear_volts(mhz: Sequence[float], lo: tuple[float, float], hi: tuple[float,
 
 PHONE = Device(
     # R, C: our assumption, chosen so that the full-width network at the top frequency crosses the trip point
-    # after about 1.3 minutes (phones throttle within minutes of a sustained CPU load); ambient: a 25 C room
+    # within 1-2 minutes (phones throttle within minutes of a sustained CPU load); ambient: a 25 C room
     rc=RC(r=20.0, c=2.5, amb=25.0),
     mhz=SDM845_BIG_MHZ,
     # our assumption: the mainline dtsi gives no voltages (firmware sets them); linear 0.60 V at 300 MHz to
@@ -174,7 +174,7 @@ PHONE = Device(
 #: where each of PHONE's constants comes from (written into results files beside the numbers)
 PHONE_SOURCES = {
     "rc.r": "our assumption: 20 K/W, so that the full-width net at the top level settles above the trip point",
-    "rc.c": "our assumption: 2.5 J/K (tau = 50 s), so that it crosses the trip after about 1.3 minutes",
+    "rc.c": "our assumption: 2.5 J/K (tau = 50 s), so that it crosses the trip within 1-2 minutes",
     "rc.amb": "our assumption: a 25 C room",
     "mhz": "Linux arch/arm64/boot/dts/qcom/sdm845.dtsi cpu4_opp_table (big cluster), every 4th OPP (our subset)",
     "volts": "our assumption: linear from 0.60 V at 300 MHz to 1.05 V at 2803.2 MHz (the dtsi has no voltages)",
