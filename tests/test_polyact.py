@@ -230,3 +230,14 @@ def test_a_model_without_relu_is_refused():
     with pytest.raises(ConfigError, match="Sequential makes no relu call in its forward"):
         PolyActivations(model, torch.randn(2, 4))
     assert model not in ops._DISPATCHERS
+
+
+def test_a_forward_that_fails_while_tracing_leaves_nothing_behind():
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x) @ torch.ones(3, 3)  # x has 4 columns: a shape error after the relu call
+
+    model = Broken()
+    with pytest.raises(RuntimeError):
+        PolyActivations(model, torch.randn(2, 4))
+    assert model not in ops._DISPATCHERS and not model._forward_pre_hooks

@@ -214,7 +214,11 @@ class PolyActivations(nn.Module):
         disp = dispatcher(model)  # its pre-hooks run before ours: an outermost call has a stack of one
         self._hooks = [m.register_forward_pre_hook(lambda *_: self._counts.clear() if len(disp.stack) <= 1 else None)
                        for m in model.modules()]
-        self.sites = self._trace(example)
+        try:
+            self.sites = self._trace(example)
+        except BaseException:
+            self.remove()  # the model's own error, with nothing of ours left on it
+            raise
         if not self.sites:
             self.remove()
             raise ConfigError(f"PolyActivations: {type(model).__name__} makes no relu call in its forward "
