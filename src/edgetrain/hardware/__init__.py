@@ -9,4 +9,7 @@ Each module is one model with its equations and sourced constants (docs/hardware
   a training step on a weight-stationary systolic accelerator (docs/design_space.md).
 * :mod:`edgetrain.hardware.memtech`: SRAM vs STT-/SOT-MRAM last-level cache at iso-capacity and iso-area, priced with a
   step's traffic (DeepNVM++-style; docs/memory_technology.md).
+* :mod:`edgetrain.hardware.polyact`: PolyMPCNet's trainable polynomial activations in place of ReLUs (modules and
+  functional calls), a learned gate with the 2PC latency in the loss, and an MPC latency/communication cost model per
+  site and network (docs/private_inference.md).
 """
