@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                            f"search on the first {min(a.search, len(y_all))} test images, scored on all 10,000",
                 adversarial_training=f"{a.adv_steps} PGD step(s) per batch within {a.k} sigma from a sampled chip",
                 paper_claim=CLAIM)
-    lines = ["# Accuracy under NVM device variation (D2D log-normal), Fashion-MNIST T2", "",
+    extra = (f", C2C {a.c2c:g} x max|w|" if a.c2c else "") + (f", {a.levels} levels" if a.levels else "")
+    lines = [f"# Accuracy under NVM device variation (D2D log-normal{extra}), Fashion-MNIST T2", "",
              (f"MLP 784-{a.hidden}-{a.hidden}-10, {a.steps} AdamW steps per model. Test accuracy % (10,000 images): "
               f"mean over {a.chips} chips +- 95% CI, the worst of those chips, and the worst case within "
               f"{a.k:g} sigma per weight by PGD ({a.pgd_steps} steps from a uniform start, and {a.pgd_strong} steps "
