@@ -14,11 +14,14 @@ average accuracy, and methods that improve the average do little for the worst c
   parameter stay digital (unperturbed).
 * Device-to-device (D2D, programming) variation: log-normal, multiplicative on the conductance, so on the weight:
   ``w = q(w) * exp(theta)``, ``theta ~ N(0, d2d**2)`` per weight, drawn once per chip. (Log-normal conductance
-  variation: e.g. Lee et al., Sci. Rep. 12, 2022, "Device quantization policy in variation-aware in-memory
-  computing design"; no mean correction: ``E[exp(theta)] = exp(d2d**2 / 2)``.)
+  variation: e.g. "Device quantization policy in variation-aware in-memory computing design", Sci. Rep. 2022,
+  doi:10.1038/s41598-021-04159-x, which normalizes sigma to ln(G_H / G_L); no mean correction:
+  ``E[exp(theta)] = exp(d2d**2 / 2)``.)
 * Cycle-to-cycle (C2C, read) noise: additive Gaussian proportional to the tensor's largest nominal weight,
   ``w += c2c * max|q(W)| * eps``, ``eps ~ N(0, 1)`` per weight, drawn anew at every forward call (one draw per
-  batch: our simplification of "per inference"; IBM aihwkit's read noise is likewise relative to ``g_max``).
+  batch: our simplification of "per inference"). Our assumption; for scale, IBM aihwkit's ``PCMLikeNoiseModel``
+  (Nandakumar et al., ICECS 2019) programs with additive Gaussian noise of sigma
+  ``(0.26348 + 1.9650 g/g_max - 1.1731 (g/g_max)**2) * g_max / 25``, 1.05% (g = 0) to 4.2% (g = g_max) of ``g_max``.
 * Worst case: the perturbation ``(theta, delta)`` with ``|theta| <= k * d2d`` and ``|delta| <= k * c2c * max|q(W)|``
   element-wise that maximizes the cross-entropy on the search data, by projected sign-gradient ascent (PGD; Madry
   et al., ICLR 2018, arXiv:1706.06083: random start in the box, step ``2.5 * bound / steps``), keeping the iterate
