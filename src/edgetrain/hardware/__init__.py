@@ -12,4 +12,7 @@ Each module is one model with its equations and sourced constants (docs/hardware
 * :mod:`edgetrain.hardware.polyact`: PolyMPCNet's trainable polynomial activations in place of ReLUs (modules and
   functional calls), a learned gate with the 2PC latency in the loss, and an MPC latency/communication cost model per
   site and network (docs/private_inference.md).
+* :mod:`edgetrain.hardware.variation`: NVM device variation in compute-in-memory accelerators (device-to-device
+  log-normal, cycle-to-cycle Gaussian, conductance levels): expected accuracy over chips, worst case within k sigma by
+  PGD, variation-aware training (docs/nvm_variation.md).
 """
