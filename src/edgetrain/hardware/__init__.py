@@ -15,4 +15,7 @@ Each module is one model with its equations and sourced constants (docs/hardware
 * :mod:`edgetrain.hardware.variation`: NVM device variation in compute-in-memory accelerators (device-to-device
   log-normal, cycle-to-cycle Gaussian, conductance levels): expected accuracy over chips, worst case within k sigma by
   PGD, variation-aware training (docs/nvm_variation.md).
+* :mod:`edgetrain.hardware.thermal`: thermal-aware execution: a slimmable network (switchable BatchNorm), a lumped RC
+  thermal model of a phone's big CPU cluster, a step-wise throttling governor and a policy that narrows the network
+  before the trip point (docs/thermal.md).
 """
