@@ -21,6 +21,7 @@ RigL and DST-EE grow by the dense gradient magnitude. It is made only on a step 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetrain.errors import ConfigError
+
+# torch warns once per process that CSR support is beta; the layers here are tested against masked dense (float64)
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 __all__ = ["SparseConv2d", "SparseLinear", "SparseMixin", "sparse_from_dense"]
 
