@@ -174,7 +174,8 @@ def train_steps(model: nn.Module, data, steps: int, *, lr: float, batch_size: in
             opt.step()
             sched.step()
             step += 1
-            running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+            value = loss.item()
+            running = value if running is None else 0.98 * running + 0.02 * value
             if log is not None and (step % 100 == 0 or step == steps):
                 log(f"{label} step {step}/{steps} loss {running:.4f} ({time.perf_counter() - t0:.0f}s)")
             if step >= steps:
