@@ -234,6 +234,11 @@ def test_layer_stats_by_hand() -> None:
     s = layer_stats(lay)
     assert s["luts"] == 3 and s["k_hist"] == {"0": 0, "1": 1, "2": 1, "3": 0, "4": 1}
     assert s["params"] == (16 + 4 + 2) * 2 and s["inputs"] == 7
+    assert s["anchor_kept"] == 1 and s["k1_anchor_only"] == 0  # LUTs (0, 1), (1, 0) lost their anchor (input 0)
+    with torch.no_grad():
+        lay.removed[:, 1, 0] = torch.tensor([False, True, True, True])  # K = 1, the anchor kept
+    s = layer_stats(lay)
+    assert s["anchor_kept"] == 2 and s["k1_anchor_only"] == 1
 
 
 def test_expansion_reproduces_bnn_exactly() -> None:

@@ -32,7 +32,7 @@ import torch
 
 import edgetrain as et
 from edgetrain import smoke
-from edgetrain.bench import provenance, result_paths
+from edgetrain.bench import plain_log_ticks, provenance, result_paths
 from edgetrain.data import load_data
 from edgetrain.lut.pipeline import (
     LUTMLP,
@@ -86,6 +86,7 @@ def figure(rows: list[dict], k: int):
                          textcoords="offset points")
     axes[1].set(xscale="log", title="test accuracy vs parameter count of the LUT layers",
                 xlabel="sum 2^K_i * levels (BNN: unpruned 1-bit weights)", ylabel="test accuracy %")
+    plain_log_ticks(axes[1].xaxis)
     axes[1].grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lut-bin-steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0, help="init, batch order and the LUTs' random extra inputs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
@@ -123,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except et.EdgetrainError as e:
         raise SystemExit(f"Fashion-MNIST is needed (Debian package dataset-fashion-mnist): {e}")
     test_data.transform = train_data.transform
-    fit = {"lr": a.lr, "batch_size": a.batch_size, "log": log}
-    torch.manual_seed(0)
+    fit = {"lr": a.lr, "batch_size": a.batch_size, "log": log, "seed": a.seed}
+    torch.manual_seed(a.seed)
     sizes = (784, a.hidden, a.hidden, 10)
     bnn = LUTMLP(sizes)
     r = train_steps(bnn, train_data, a.bnn_steps, label="bnn", **fit)
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     r2 = train_steps(pruned, train_data, a.prune_steps, label="bnn-pruned", **fit)
     steps, secs = r["steps"] + r2["steps"], r["seconds"] + r2["seconds"]
     rows.append(row(f"bnn-pruned-{a.theta:g}", pruned, test_data, steps, secs, accuracy_after_prune=acc0))
-    lut = expand(pruned, a.k, seed=0)
+    lut = expand(pruned, a.k, seed=a.seed)
     set_binary(lut, False)
     acc0 = evaluate(lut, test_data)
     r3 = train_steps(lut, train_data, a.lut_fp_steps, label=f"lutnet-k{a.k} fp", **fit)
@@ -172,22 +174,23 @@ def main(argv: list[str] | None = None) -> int:
                       f"LUT rows: K={a.k} LUTs in the layers after the first (one per connection)",
                 schedule={"bnn": a.bnn_steps, "prune_retrain": a.prune_steps, "lut_fp": a.lut_fp_steps,
                           "shrink_retrain": a.shrink_steps, "lut_bin": a.lut_bin_steps, "batch": a.batch_size,
-                          "optimizer": f"Adam lr {a.lr}, cosine per stage", "theta": a.theta, "deltas": deltas,
+                          "optimizer": f"Adam lr {a.lr}, cosine per stage", "seed": a.seed, "theta": a.theta, "deltas": deltas,
                           "stage_fractions": list(STAGE_FRACTIONS)},
                 paper_schedule="epochs at batch 100: BNN 200, pruned retrain 50, LUT fp 50, shrink retrain 20 "
                                "(x2), LUT fp 50, LUT binarised 200; theta 0.94 (CIFAR-10 conv6), delta 0.75, K 4")
     result = {"provenance": prov, "rows": rows}
     setup = (f"K={a.k}, theta={a.theta:g}, Adam lr {a.lr}; steps: BNN {a.bnn_steps}, pruned retrain {a.prune_steps}, "
              f"LUT fp {a.lut_fp_steps}, shrink retrain {a.shrink_steps} (x2), LUT binarised {a.lut_bin_steps}; "
-             f"batch {a.batch_size}; one seed. LUT counts are logical K-LUTs of the two LUT layers (no synthesis).")
+             f"batch {a.batch_size}; seed {a.seed}. LUT counts are logical K-LUTs of the two LUT layers (no synthesis).")
     head = ("| row | test acc % | LUTs (BNN: XNORs) | params sum 2^K_i*levels | K_i histogram (1..K) | "
-            "train steps | train s |")
+            "K_i=1 reading the anchor | train steps | train s |")
     lines = [f"# Logic Shrinkage vs LUTNet vs BNN, Fashion-MNIST MLP {'-'.join(map(str, sizes))}", "", setup, "",
-             head, "|---|---:|---:|---:|---|---:|---:|"]
+             head, "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         hist = " / ".join(str(r["k_hist"][str(kk)]) for kk in range(1, a.k + 1)) if "k_hist" in r else "-"
+        anchor = f"{r['k1_anchor_only']:,}" if "k_hist" in r else "-"
         lines.append(f"| {r['name']} | {100 * r['accuracy']:.2f} | {r.get('luts', r.get('xnors')):,} | "
-                     f"{r['params']:,} | {hist} | {r['train_steps']} | {r['train_seconds']} |")
+                     f"{r['params']:,} | {hist} | {anchor} | {r['train_steps']} | {r['train_seconds']} |")
     staged = ("Staged shrinkage (accuracy with full-precision coefficients, right after each shrink and after its "
               "retraining):")
     lines += ["", staged, "", "| row | stage delta | LUTs | params | acc after shrink % | acc after retrain % |",

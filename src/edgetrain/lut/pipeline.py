@@ -134,8 +134,8 @@ def model_stats(model: LUTMLP) -> dict:
                 "params": sum(int(layer.node_mask.sum()) for layer in model.targets())}
     per = [layer_stats(layer) for layer in model.targets()]
     hist = {k: sum(p["k_hist"][k] for p in per) for k in per[0]["k_hist"]}
-    return {"luts": sum(p["luts"] for p in per), "params": sum(p["params"] for p in per), "k_hist": hist,
-            "inputs": sum(p["inputs"] for p in per), "layers": per}
+    total = {key: sum(p[key] for p in per) for key in ("luts", "params", "inputs", "anchor_kept", "k1_anchor_only")}
+    return {**total, "k_hist": hist, "layers": per}
 
 
 @dataclasses.dataclass(frozen=True)

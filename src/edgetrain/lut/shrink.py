@@ -140,10 +140,15 @@ def shrink_(layer: LUTLayer, delta: float) -> dict:
 
 
 def layer_stats(layer: LUTLayer) -> dict:
-    """LUT count, learned-K histogram and parameter count ``sum 2**K_i * levels`` of one layer's unpruned LUTs."""
+    """LUT count, learned-K histogram and parameter count ``sum 2**K_i * levels`` of one layer's unpruned LUTs;
+    ``anchor_kept``: LUTs still reading their anchor; ``k1_anchor_only``: 1-input LUTs whose input is the anchor (a
+    LUT of the BNN's own connection alone)."""
     alive = layer.node_mask > 0
     k_i = layer.lut_inputs().sum(dim=0)[alive]  # inputs per alive LUT
     hist = Counter(int(v) for v in k_i.tolist())
+    single = k_i == 1
+    anchor = layer.lut_inputs()[0][alive]  # the anchor (the BNN's own connection) still read
     return {"luts": int(alive.sum()), "k_hist": {str(k): hist.get(k, 0) for k in range(layer.k + 1)},
             "params": int(((2 ** k_i) * layer.levels).sum()), "inputs": int(k_i.sum()),
+            "anchor_kept": int(anchor.sum()), "k1_anchor_only": int((single & anchor).sum()),
             "input_sparsity": 1 - float(k_i.sum()) / max(1, layer.k * int(alive.sum()))}
