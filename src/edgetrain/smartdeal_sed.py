@@ -20,6 +20,7 @@ sparse with every non-zero a signed power of two. Layouts (:class:`Layout`):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -37,6 +38,8 @@ CONV_CHANNELS = 64
 #: a 1x1 conv's / linear's blocks hold at most this many rows of 3 [OURS, spec 2.7: the largest VEC_2_SHAPE entry]
 VECTOR_ROWS = 192
 M = 3  # basis size [CODE: 3x3 basis]
+#: row directions the row start tries triples of [OURS: C(6, 3) = 20 cheap one-step fits]
+CANDIDATES = 6
 
 
 def pow2_quantize(c: Tensor, theta: float, tie: str = "upper", max_c: float | None = None) -> Tensor:
@@ -127,10 +130,11 @@ def _lstsq(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.pinv(at @ a, rtol=RCOND, hermitian=True) @ (at @ b)
 
 
-def _row_init(a: Tensor) -> Tensor:
-    """A basis made of three rows of each block [OURS]: the rows whose direction (up to sign and a power-of-two
-    scale, compared exactly) repeats most often. A block already in SD form has rows ``±2^k B[j]`` for every basis row
-    its ``Ce`` uses alone, so this start recovers its basis up to powers of two; other blocks get three rows."""
+def _row_init(a: Tensor, theta: float) -> Tensor:
+    """A basis made of three rows of each block [OURS]: among the :data:`CANDIDATES` row directions (up to sign and a
+    power-of-two scale, compared exactly) that repeat most often, the three whose one-step fit ``Q(A B^-1) B`` is
+    best. A block already in SD form has rows ``±2^k B[j]`` for every basis row its ``Ce`` uses alone, so this start
+    recovers its basis up to powers of two; other blocks get three of their rows."""
     n = a.shape[1]
     norm = a.norm(dim=2)  # (N, n); scaling a row by 2^k scales its norm by 2^k exactly
     first = torch.gather(a, 2, (a != 0).to(torch.int8).argmax(2, keepdim=True))  # first non-zero of each row
@@ -144,11 +148,18 @@ def _row_init(a: Tensor) -> Tensor:
     count = torch.zeros_like(run).scatter_add_(1, run, torch.ones_like(run))  # rows per run
     first_of_run = torch.full_like(run, n - 1).scatter_reduce_(1, run, torch.arange(n).expand_as(run), "amin")
     count = torch.where(torch.isinf(sk.gather(1, first_of_run)), torch.zeros_like(count), count)
-    top = count.topk(min(M, n), dim=1).indices  # (N, 3) the most repeated directions
-    rows = order.gather(1, first_of_run.gather(1, top))  # (N, 3) a representative row of each
-    if rows.shape[1] < M:
-        return torch.eye(M, dtype=a.dtype).expand(a.shape[0], M, M).clone()
-    return a.gather(1, rows.unsqueeze(2).expand(-1, -1, M))
+    k = min(CANDIDATES, n)
+    top = count.topk(k, dim=1).indices  # (N, k) the most repeated directions
+    rows = a.gather(1, order.gather(1, first_of_run.gather(1, top)).unsqueeze(2).expand(-1, -1, M))  # (N, k, 3)
+    best, best_err = torch.eye(M, dtype=a.dtype).expand(a.shape[0], M, M).clone(), None
+    for triple in itertools.combinations(range(k), M):  # the triple whose one-step projection fits best
+        b = rows[:, list(triple)]
+        c = pow2_quantize(a @ torch.linalg.pinv(b, rtol=RCOND), theta, "lower", MAX_C)
+        err = (a - c @ b).flatten(1).norm(dim=1)
+        better = err < best_err if best_err is not None else torch.ones_like(err, dtype=torch.bool)
+        best = torch.where(better.view(-1, 1, 1), b, best)
+        best_err = torch.where(better, err, best_err) if best_err is not None else err
+    return best
 
 
 def _sed_from(a: Tensor, b: Tensor, theta: float, iterations: int) -> tuple[Tensor, Tensor]:
@@ -181,7 +192,7 @@ def sed(a: Tensor, theta: float, iterations: int = 30) -> tuple[Tensor, Tensor]:
     a = a.double()
     eye = torch.eye(M, dtype=a.dtype).expand(a.shape[0], M, M).clone()
     best_c, best_b = _sed_from(a, eye, theta, iterations)
-    c2, b2 = _sed_from(a, _row_init(a), theta, iterations)
+    c2, b2 = _sed_from(a, _row_init(a, theta), theta, iterations)
     err1 = (a - best_c @ best_b).flatten(1).norm(dim=1)
     err2 = (a - c2 @ b2).flatten(1).norm(dim=1)
     better = (err2 < err1).view(-1, 1, 1)

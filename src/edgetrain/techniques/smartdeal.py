@@ -29,7 +29,6 @@ import math
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetrain.apply import Undo, set_requires_grad
@@ -96,8 +95,8 @@ def rebuilt_weight(layer: nn.Module, theta: float | None = None) -> Tensor:
     return _LAYOUTS[layer].to_weight(torch.bmm(qc, layer.sd_B)).to(layer.weight.dtype)
 
 
-def _handler(layers: dict[int, nn.Module]):  # noqa: ANN202
-    def handle(call: Call):  # noqa: ANN202
+def _handler(layers: dict[int, nn.Module]):
+    def handle(call: Call):
         w = call.arg(1, "weight")
         layer = layers.get(id(w))
         if layer is None or "sd_C" not in layer._parameters or layer._parameters.get("weight") is not w:
@@ -238,8 +237,8 @@ class BucketSwitch(torch.optim.Optimizer):
             raise ConfigError(f"BucketSwitch.lr: must be > 0, got {lr!r}")
         if not (isinstance(switch_bar, int) and switch_bar >= 1):
             raise ConfigError(f"BucketSwitch.switch_bar: must be an int >= 1, got {switch_bar!r}")
-        super().__init__([layer.sd_C for layer in layers], dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                                                  switch_bar=switch_bar, max_c=max_c))
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "switch_bar": switch_bar, "max_c": max_c}
+        super().__init__([layer.sd_C for layer in layers], defaults)
         self._layer = {id(layer.sd_C): layer for layer in layers}
 
     def reset_counters(self) -> None:
@@ -248,7 +247,7 @@ class BucketSwitch(torch.optim.Optimizer):
                 st["counter"].zero_()
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201
+    def step(self, closure=None):
         for group in self.param_groups:
             for c in group["params"]:
                 if c.grad is None:
@@ -267,7 +266,6 @@ class BucketSwitch(torch.optim.Optimizer):
                 moved = torch.where(c != 0, c * torch.exp2(s * torch.sign(c)), grown)
                 c.copy_(moved.clamp(-group["max_c"], group["max_c"]))
                 counter[fire] = 0
-        return None
 
 
 def _forward_bound(cfg: SmartDeal) -> float:
