@@ -125,7 +125,7 @@ def _sd_form(n_blocks: int, rows: int, seed: int) -> tuple[torch.Tensor, torch.T
 def test_sed_reconstructs_a_weight_already_in_sd_form_exactly(rows):
     """Ce (signed powers of two under a random mask) @ B: SED gives back Ce' @ B' equal to it up to float64 rounding
     (stated bound 1e-12 relative per block; measured ~4e-14), with every non-zero of Ce' a signed power of two."""
-    ce, b, a = _sd_form(40, rows, seed=rows)
+    ce, _, a = _sd_form(40, rows, seed=rows)
     c2, b2 = sed(a, 4e-3)
     err = (a - c2 @ b2).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
     assert float(err.max()) <= 1e-12
@@ -250,13 +250,19 @@ def test_bucket_switch_by_hand():
     assert min_coefficient(4e-3) == 2 ** -7 and min_coefficient(2 ** -8) == 2 ** -8
     model = _one_layer([32.0, 0.0, 1.0], [1, 0, 1])
     c = model[0].sd_C
-    opt = BucketSwitch(model, lr=0.1, momentum=0.0, weight_decay=0.0, switch_bar=2)
+    opt = BucketSwitch(model, lr=0.1, momentum=0.0, weight_decay=0.0, switch_bar=2, max_c=32.0)
     c.grad = torch.tensor([-1.0, -1.0, 1.0]).view_as(c)
     opt.step()
     assert c.flatten().tolist() == [32.0, 0.0, 1.0]  # counters at 1: nothing fires yet
     opt.step()
     assert c.flatten().tolist() == [32.0, 0.0, 0.5]  # 32 clipped at max_c, the masked-out zero stays 0
     assert bool((opt.state[c]["counter"] == 0).all())
+    model = _one_layer([2 ** -8, 0.25, 0.0], [1, 1, 1])  # 2^-8 < theta - 1e-5: Q gives 0, which regrows
+    c = model[0].sd_C
+    opt = BucketSwitch(model, lr=0.1, momentum=0.9, weight_decay=0.0)
+    c.grad = torch.tensor([1.0, 0.0, 0.0]).view_as(c)
+    opt.step()
+    assert c.flatten().tolist() == [-(2 ** -7), 0.25, 0.0]  # no update sign on the others: they stay
 
 
 def test_refusals_are_one_line():

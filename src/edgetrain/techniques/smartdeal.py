@@ -215,21 +215,22 @@ class BucketSwitch(torch.optim.Optimizer):
     """Upstream's ``--switch`` update of the SD coefficients [CODE, spec 2.5 b]: ``sd_C`` stays ``±2^k`` (or 0).
 
     Per step, with the SGD update ``d = -lr * buf``, ``buf = momentum * buf + (grad + weight_decay * C)``:
-    ``counter += sign(d)``; where ``|counter| == switch_bar`` the element fires with ``s = sign(counter)``: a non-zero
-    ``C`` is doubled when ``s`` points away from zero and halved when toward it (``C * 2^(s * sign(C))``), a zero inside
-    the mask regrows to ``s * min_C`` (the smallest power of two >= theta), then ``|C| <= max_c`` and the counter of
-    fired elements is reset. A halved value below theta is zeroed by Q at the next forward (it may regrow).
+    ``counter += sign(d)``; where ``|counter| == switch_bar`` the element fires with ``s = sign(counter)``. With
+    ``q = Q(C) * mask``: a non-zero ``q`` is doubled when ``s`` points away from zero and halved when toward it
+    (``q * 2^(s * sign(q))``), a zero ``q`` inside the mask (also one halved below theta before) regrows to
+    ``s * min_C`` (the smallest power of two >= theta), then ``|C| <= max_c`` and the counter of fired elements is
+    reset. Elements that do not fire are left at ``q`` (upstream writes ``Q(C)`` back every step).
     :meth:`reset_counters` is called each epoch upstream. Give ``sd_B`` and all other parameters to another optimizer.
 
     Args:
         model: a model with SmartDeal applied (its ``sd_C`` parameters are taken).
         lr, momentum, weight_decay: the SGD update whose sign drives the counters (upstream: 0.1, 0.9, 5e-4).
         switch_bar: counter value that fires (upstream default 1).
-        max_c: magnitude clip (upstream 32).
+        max_c: magnitude clip (upstream ``--max-C``: none by default).
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 switch_bar: int = 1, max_c: float = MAX_C) -> None:
+                 switch_bar: int = 1, max_c: float | None = None) -> None:
         layers = list(sd_layers(model).values())
         if not layers:
             raise ConfigError("BucketSwitch: the model has no SmartDeal layer (apply SmartDeal first)")
@@ -262,9 +263,11 @@ class BucketSwitch(torch.optim.Optimizer):
                 fire = counter.abs() == group["switch_bar"]
                 s = torch.sign(counter).to(c.dtype) * fire
                 min_c = min_coefficient(layer.sd_theta)
-                grown = torch.where((c == 0) & (layer.sd_mask != 0), s * min_c, c)
-                moved = torch.where(c != 0, c * torch.exp2(s * torch.sign(c)), grown)
-                c.copy_(moved.clamp(-group["max_c"], group["max_c"]))
+                qc = pow2_quantize(c, layer.sd_theta, "upper") * layer.sd_mask  # upstream moves Q(C), not C
+                moved = torch.where(qc != 0, qc * torch.exp2(s * torch.sign(qc)), layer.sd_mask * s * min_c)
+                if group["max_c"] is not None:
+                    moved = moved.clamp(-group["max_c"], group["max_c"])
+                c.copy_(moved)
                 counter[fire] = 0
 
 
