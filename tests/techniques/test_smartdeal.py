@@ -163,17 +163,14 @@ def test_layers_taken_and_left_dense():
 
 
 def _dense_reference(net: nn.Module, original: nn.Module) -> nn.Module:
-    """A plain copy of the original network whose SD layers' weights are the rebuilt weights (trainable)."""
     ref = copy.deepcopy(original)
-    with torch.no_grad():
-        for name, layer in sd.sd_layers(net).items():
-            ref.get_submodule(name).weight.copy_(rebuilt_weight(layer))
+    sd.dense_reference(ref, net)
     return ref
 
 
 def _chain(layer: nn.Module, gw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hand reference of the STE gradients: with G the dense weight's gradient in blocks,
-    dL/dC = mask * (G @ B^T) and dL/dB = (Q(C) * mask)^T @ G."""
+    """Hand reference of the STE gradients, written out here (the zoo uses the module's ``chain_grads``):
+    with G the dense weight's gradient in blocks, dL/dC = mask * (G @ B^T) and dL/dB = (Q(C) * mask)^T @ G."""
     lay = sd._LAYOUTS[layer]
     gb = lay.to_blocks(gw.to(layer.sd_B.dtype))
     qc = pow2_quantize(layer.sd_C.detach(), layer.sd_theta, "upper") * layer.sd_mask
@@ -194,6 +191,8 @@ def test_forward_equals_the_stock_ops_with_the_rebuilt_weight_and_gradients_are_
         dc, db = _chain(layer, ref.get_submodule(name).weight.grad)
         torch.testing.assert_close(layer.sd_C.grad, dc, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(layer.sd_B.grad, db, rtol=1e-12, atol=1e-15)
+        for got, want in zip(sd.chain_grads(layer, ref.get_submodule(name).weight.grad), (dc, db)):
+            assert torch.equal(got, want)
     for n, p in net.named_parameters():  # everything else: plain PyTorch's gradient
         if p.requires_grad and ".sd_" not in n:
             torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad, rtol=1e-12, atol=1e-15)
