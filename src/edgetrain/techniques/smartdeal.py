@@ -8,13 +8,14 @@ At apply, every target layer's weight is decomposed by SED (:mod:`edgetrain.smar
 block, and the buffer ``sd_mask = (Ce != 0)`` is fixed for the run [CODE: ``set_mask``]. Each call of the layer's
 ``conv2d``/``linear`` then computes on the rebuilt weight ``W = layout^-1((Q(C) * mask) @ B)`` with Q the power-of-two
 quantiser (ties up, no clip, as the training code) and a straight-through backward, so ``sd_C`` and ``sd_B`` train
-(SmartDeal-Training's SE model, spec 2.5 b) and the original weight is frozen. Two updates of ``sd_C``:
+(SmartDeal-Training's SE model, spec 2.5 b) and the original weight is frozen. The update of ``sd_C`` is the
+training loop's choice of optimizer:
 
-* ``update="ste"``: any optimizer on the latent ``sd_C``; Q acts in the forward (call :func:`requantize` after
-  each step for upstream's ``--quant-each-step``);
-* ``update="switch"``: :class:`BucketSwitch`, upstream's ``--switch``: ``sd_C`` stays a signed power of two and only
-  its sign/exponent move (doubling/halving when a per-element counter of update signs reaches ``switch_bar``);
-  ``sd_B`` and every other parameter go to an ordinary optimizer.
+* any optimizer on the latent ``sd_C`` (STE); Q acts in the forward (call :func:`requantize` after each step for
+  upstream's ``--quant-each-step``);
+* :class:`BucketSwitch`, upstream's ``--switch``: ``sd_C`` stays a signed power of two and only its sign/exponent
+  move (doubling/halving when a per-element counter of update signs reaches ``switch_bar``); ``sd_B`` and every other
+  parameter go to an ordinary optimizer.
 
 The original weight stays in its parameter, untouched: ``remove()`` gives it back bit for bit. :func:`merge` writes
 the rebuilt dense weight into it (the export) and drops the SD parameters. Layers with another kernel (7x7, 5x5,
@@ -56,7 +57,6 @@ class SmartDeal(Technique):
         threshold: Q's and SED's sparsification threshold theta, absolute (default 4e-3: upstream's training-code
             SED conversion; its inference code uses 1e-3) [CODE].
         iterations: SED's alternating least-squares iterations (30: upstream's inference main; its default 50).
-        update: ``"ste"`` (latent ``sd_C``, any optimizer) or ``"switch"`` (bucket-switch, :class:`BucketSwitch`).
         depthwise: decompose grouped/depthwise 3x3 convs too (upstream does; each output channel is then one 3x3
             block whose fp32 basis alone is as large as the dense kernel: no storage gain there).
         train_basis: ``sd_B`` trainable (upstream: plain SGD on B).
@@ -66,7 +66,6 @@ class SmartDeal(Technique):
     name = "smartdeal"
     threshold: float = 4e-3
     iterations: int = 30
-    update: str = "ste"
     depthwise: bool = True
     train_basis: bool = True
 
@@ -77,7 +76,6 @@ class SmartDeal(Technique):
               f"must be a number in (0, {MAX_C:g}), got {t!r}")
         check(isinstance(self.iterations, int) and not isinstance(self.iterations, bool) and self.iterations >= 1,
               SmartDeal, "iterations", f"must be an int >= 1, got {self.iterations!r}")
-        check(self.update in ("ste", "switch"), SmartDeal, "update", f"must be 'ste' or 'switch', got {self.update!r}")
         check(isinstance(self.depthwise, bool), SmartDeal, "depthwise", f"must be true/false, got {self.depthwise!r}")
         check(isinstance(self.train_basis, bool), SmartDeal, "train_basis",
               f"must be true/false, got {self.train_basis!r}")
@@ -318,6 +316,6 @@ register(
         exact=False,
         grad_tolerance=0.0,
         grad_cosine=1.0,
-        examples=(SmartDeal(), SmartDeal(update="switch", threshold=1e-3, depthwise=False)),
+        examples=(SmartDeal(), SmartDeal(threshold=1e-3, depthwise=False, train_basis=False)),
     )
 )
