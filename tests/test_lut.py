@@ -225,6 +225,15 @@ def test_select_removals_never_picks_dead_luts() -> None:
     assert got.tolist() == [[False, False], [False, True]]
 
 
+def test_select_removals_counts_already_removed_first() -> None:
+    """An input removed at an earlier stage fills the quota before a lower-scored one (removal is monotone and the
+    quota is the layer's total, not an increment)."""
+    scores = torch.tensor([[0.0, 3.0], [5.0, 6.0]])  # 2 LUTs, K = 2: quota round(0.25 * 4) = 1
+    already = torch.tensor([[False, True], [False, False]])
+    got = select_removals(scores, torch.tensor([True, True]), already, 0.25)
+    assert got.tolist() == [[False, True], [False, False]]
+
+
 def test_layer_stats_by_hand() -> None:
     lay = LUTLayer(2, 2, 4, 2)
     with torch.no_grad():
