@@ -127,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
     try:
-        sparsities = [check_sparsity(float(s), "--sparsities") for s in a.sparsities.split(",")]
+        values = [float(s) for s in a.sparsities.split(",")]
     except ValueError:
         raise et.ConfigError(f"--sparsities: a comma-separated list of numbers in [0, 1), got {a.sparsities!r}") from None
+    sparsities = [check_sparsity(v, "--sparsities") for v in values]
     methods = a.methods.split(",")
     for m in methods:
         if m not in METHODS:
