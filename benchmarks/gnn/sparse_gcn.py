@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delta-t", type=int, default=10, help="DST update interval (our choice for 200 steps)")
     ap.add_argument("--sparsities", default="0.8,0.9,0.95,0.98")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seeds", type=int, default=1, help="seeds 0 .. n-1 (initialisation, dropout, patterns)")
+    ap.add_argument("--seeds", type=int, default=1, help="how many seeds (initialisation, dropout, patterns)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first .. first + n - 1")
     ap.add_argument("--graph-seed", type=int, default=0)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in METHODS:
             raise et.ConfigError(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
     for what, v, lo in (("--steps", a.steps, 1), ("--finetune", a.finetune, 0), ("--hidden", a.hidden, 1),
-                        ("--delta-t", a.delta_t, 1), ("--seeds", a.seeds, 1)):
+                        ("--delta-t", a.delta_t, 1), ("--seeds", a.seeds, 1), ("--first-seed", a.first_seed, 0)):
         if v < lo:
             raise et.ConfigError(f"{what}: must be an int >= {lo}, got {v}")
     a.steps, a.finetune = smoke.cap(a.steps, 4), smoke.cap(a.finetune, 2)  # EDGETRAIN_SMOKE=1: a command check
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(val {100 * row['val_accuracy']:.1f}%), nnz {row['weight_nonzeros']}, {macs / 1e9:.2f} GMAC, "
               f"{row['seconds']}s", flush=True)
 
-    for seed in range(smoke.cap(a.seeds, 1)):
+    for seed in range(a.first_seed, a.first_seed + smoke.cap(a.seeds, 1)):
         t0 = time.perf_counter()
         dense = model_for(g, a, seed)
         e = dense.adj_values.numel()
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     prov.update(finished=provenance(a.threads)["date"], load=load, graph=g.meta, adjacency_nnz=e,
                 model=f"GCN {g.x.shape[1]}-{a.hidden}-{int(g.y.max()) + 1}, dropout 0.5, Glorot init",
                 schedule=f"{a.steps} full-batch Adam steps (lr {a.lr}, L2 {a.wd}); prune: ERK per-layer counts, "
-                         f"{a.finetune} fine-tune steps (fresh Adam); seeds 0..{a.seeds - 1}",
+                         f"{a.finetune} fine-tune steps (fresh Adam); seeds {a.first_seed}..{a.first_seed + a.seeds - 1}",
                 dst=f"ERK, delta_t {a.delta_t}, zeta0 0.3 cosine, T_end 0.75 T; DST-EE c 1, eps 1, |g| / mean|g|",
                 macs="per step: weight products N*nnz (forward, weight grad, input grad of layer 2 only), adjacency "
                      "products nnz(Â)*width (forward and backward); dense/masked layers count every weight; RigL/"
