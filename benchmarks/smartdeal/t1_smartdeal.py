@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--thresholds", default="4e-3,1e-3", help="SED thresholds of part 1; the first one trains")
     ap.add_argument("--iterations", type=int, default=30)
     ap.add_argument("--switch-bar", type=int, default=1, help="bucket-switch counter bar (upstream default 1)")
+    ap.add_argument("--rows", default="plain,sd-ste,sd-switch",
+                    help="training rows: plain (also gives plain+SED), plain+sd-ste, sd-ste, sd-switch")
+    ap.add_argument("--post-steps", type=int, default=100, help="plain+sd-ste: SD steps after the dense ones")
     ap.add_argument("--train-subset", type=int, default=19200)
     ap.add_argument("--eval-subset", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
@@ -142,14 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[smartdeal] SED theta {th:g}: output change {res['output_change']:.3f}, storage "
               f"{res['ratio_fp32']:.2f}x vs fp32, {res['ratio_int8']:.2f}x vs int8 ({res['sed_seconds']}s)", flush=True)
     theta = thresholds[0]
-    rows = []
-    plain = work.build_model(10)
-    rows.append({"name": "plain", **train(plain, train_data, a, False, "plain"), "accuracy": evaluate(plain, test_data)})
-    handle, res = decompose(plain, theta, a.iterations, x_probe)
-    rows.append({"name": "plain+SED", "accuracy": evaluate(plain, test_data), "note": "fine-tuned dense, then SED "
-                 "(not retrained)", "output_change": res["output_change"], **totals(res["layers"])})
-    handle.remove()
-    for name, switch in (("sd-ste", False), ("sd-switch", True)):
+    rows, chosen = [], a.rows.split(",")
+    if "plain" in chosen or "plain+sd-ste" in chosen:
+        plain = work.build_model(10)
+        rows.append({"name": "plain", **train(plain, train_data, a, False, "plain"),
+                     "accuracy": evaluate(plain, test_data)})
+        handle, res = decompose(plain, theta, a.iterations, x_probe)
+        rows.append({"name": "plain+SED", "accuracy": evaluate(plain, test_data), "note": "fine-tuned dense, then "
+                     "SED (not retrained)", "output_change": res["output_change"], **totals(res["layers"])})
+        if "plain+sd-ste" in chosen:  # then trained on in SD form (STE) for --post-steps more steps
+            post = argparse.Namespace(**{**vars(a), "steps": smoke.cap(a.post_steps, smoke.STEPS)})
+            row = {"name": "plain+sd-ste", **train(plain, train_data, post, False, "plain+sd-ste"),
+                   "accuracy": evaluate(plain, test_data), "note": f"plain's {a.steps} dense steps, SED, then "
+                   f"{post.steps} steps in SD form (STE, the same cosine schedule restarted)"}
+            rows.append({**row, **totals([{**b, "shift_adds": 3 * b["nnz"]} for b in sd.storage(plain).values()])})
+        handle.remove()
+    for name, switch in [(n, n == "sd-switch") for n in ("sd-ste", "sd-switch") if n in chosen]:
         model = work.build_model(10)
         handle, res = decompose(model, theta, a.iterations, x_probe)
         start = {n: (m.sd_C.detach() * m.sd_mask).clone() for n, m in sd.sd_layers(model).items()}
