@@ -51,13 +51,14 @@ SEQ, MARKERS, VOCAB = 16, 4, 64  # our synthetic task: [CLS] + 15 tokens, marker
 class Tokens:
     """The synthetic 'first marker' task as (input dict, label) batches."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, task: str = "first") -> None:
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(2 + MARKERS, VOCAB, (n, SEQ), generator=g)
         ids[:, 0] = 1
         pos = torch.argsort(torch.rand(n, SEQ - 1, generator=g), dim=1)[:, :MARKERS] + 1  # distinct places
         ids.scatter_(1, pos, torch.arange(2, 2 + MARKERS).expand(n, MARKERS))
-        self.ids, self.labels = ids, pos.argmin(1)  # the marker (0..3) at the smallest position
+        order = torch.argsort(pos, dim=1)  # markers (0..3) by position
+        self.ids, self.labels = ids, order[:, 0] if task == "first" else order[:, 0] * MARKERS + order[:, 1]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -72,7 +73,7 @@ class Tokens:
 
 def setup(a: argparse.Namespace) -> tuple[nn.Module, object, object, object, str]:
     """The model and its train, validation and test data, and a description."""
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     if a.model == "tiny":
         from edgetrain.data import load_data
         from edgetrain.models import create_model
@@ -89,11 +90,11 @@ def setup(a: argparse.Namespace) -> tuple[nn.Module, object, object, object, str
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
-                     intermediate_size=256, max_position_embeddings=SEQ, num_labels=MARKERS)
+                     intermediate_size=256, max_position_embeddings=SEQ, num_labels=MARKERS if a.task == "first" else MARKERS ** 2)
     n = smoke.cap(20000, smoke.SAMPLES)
-    return (BertForSequenceClassification(cfg), Tokens(n, 0), Tokens(smoke.cap(2000, smoke.SAMPLES), 1),
-            Tokens(smoke.cap(4000, smoke.SAMPLES), 2), "BERT 4 layers, hidden 64, 8 heads, intermediate 256, "
-            "dropout 0.1; synthetic first-marker task 20k/4k")
+    return (BertForSequenceClassification(cfg), Tokens(n, 0, a.task), Tokens(smoke.cap(2000, smoke.SAMPLES), 1, a.task),
+            Tokens(smoke.cap(4000, smoke.SAMPLES), 2, a.task), f"BERT 4 layers, hidden 64, 8 heads, intermediate 256, "
+            "dropout 0.1; synthetic task {a.task!r} 20k/4k")
 
 
 def stream(data, batch: int, seed: int):  # noqa: ANN001, ANN201
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--finetune-lr", type=float, default=5e-4)
+    ap.add_argument("--task", choices=("first", "first2"), default="first",
+                    help="bert: label = the first marker (4 classes) or the first two in order (first2, 16 labels)")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation, batch orders and search")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args(argv)
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance(a.threads)
     model, train_data, val_data, test_data, desc = setup(a)
     t0 = time.perf_counter()
-    base_loss = train(model, train_data, a.base_steps, a.lr, a.batch_size)
+    base_loss = train(model, train_data, a.base_steps, a.lr, a.batch_size, seed=a.seed)
     base_seconds = time.perf_counter() - t0
     example = next(iter(train_data.batches(2, seed=0)))[0]
     pruner = pt.Pruner(model, example)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     def finetune(alloc: pt.Allocation, steps: int, seed: int = 0) -> float:
         model.load_state_dict(base_state)
         pruner.apply(alloc, scores)
-        return train(model, train_data, steps, a.finetune_lr, a.batch_size, seed=seed)
+        return train(model, train_data, steps, a.finetune_lr, a.batch_size, seed=seed + a.seed)
 
     def probe(alloc: pt.Allocation) -> float:
         finetune(alloc, a.probe_steps, seed=3)
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r in ratios:
         t0 = time.perf_counter()
-        best, history = pt.search(pruner, r, scores, probe, a.population, a.generations, seed=0)
+        best, history = pt.search(pruner, r, scores, probe, a.population, a.generations, seed=a.seed)
         search_seconds = time.perf_counter() - t0
         allocs = {"uniform": pt.uniform_allocation(pruner, r), "global": pt.global_allocation(pruner, r, scores),
                   "searched": best}
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[ae-bert] {a.model} r={r} {kind}: heads {alloc[0]} neurons {alloc[1]} pruned "
                   f"{100 * acc0:.2f}% -> fine-tuned {100 * acc:.2f}% params {n_params} (diff {diff:.1e})", flush=True)
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    prov.update(finished=provenance(a.threads)["date"], load=load, model=desc, seed=0,
+    prov.update(finished=provenance(a.threads)["date"], load=load, model=desc, seed=a.seed,
                 base={"steps": a.base_steps, "lr": a.lr, "batch": a.batch_size, "final_loss": base_loss,
                       "test_accuracy": base_acc, "params": base_params, "seconds": round(base_seconds, 1)},
                 protocol={"ratio_applies_to": "heads and neurons separately", "score_batches": a.score_batches,
