@@ -115,7 +115,7 @@ def test_importance_matches_weight_gradient():
     model.double()
     x = x.double()
     y = torch.tensor([1, 4, 7])
-    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
     pruner = pt.Pruner(model, x)
     heads, neurons = pt.importance(pruner, [(x, y), (x.flip(0), y)], loss_fn)
     pruner.remove()

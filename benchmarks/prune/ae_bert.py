@@ -63,7 +63,7 @@ class Tokens:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch: int, seed: int = 0, epoch: int = 0, shuffle: bool = True):  # noqa: ANN201
+    def batches(self, batch: int, seed: int = 0, epoch: int = 0, shuffle: bool = True):
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
         order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
         for i in range(0, len(self) - (batch - 1 if shuffle else 0), batch):
@@ -92,12 +92,12 @@ def setup(a: argparse.Namespace) -> tuple[nn.Module, object, object, object, str
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
                      intermediate_size=256, max_position_embeddings=SEQ, num_labels=MARKERS if a.task == "first" else MARKERS ** 2)
     n = smoke.cap(20000, smoke.SAMPLES)
+    desc = f"BERT 4 layers, hidden 64, 8 heads, intermediate 256, dropout 0.1; synthetic task {a.task!r} 20k/4k"
     return (BertForSequenceClassification(cfg), Tokens(n, 0, a.task), Tokens(smoke.cap(2000, smoke.SAMPLES), 1, a.task),
-            Tokens(smoke.cap(4000, smoke.SAMPLES), 2, a.task), f"BERT 4 layers, hidden 64, 8 heads, intermediate 256, "
-            "dropout 0.1; synthetic task {a.task!r} 20k/4k")
+            Tokens(smoke.cap(4000, smoke.SAMPLES), 2, a.task), desc)
 
 
-def stream(data, batch: int, seed: int):  # noqa: ANN001, ANN201
+def stream(data, batch: int, seed: int):
     """Endless training batches, epoch after epoch, order fixed by ``seed``."""
     epoch = 0
     while True:
@@ -109,7 +109,7 @@ def loss_fn(model: nn.Module, batch: tuple) -> torch.Tensor:
     return nn.functional.cross_entropy(pt.forward(model, batch[0]), batch[1])
 
 
-def train(model: nn.Module, data, steps: int, lr: float, batch: int, seed: int = 0) -> float:  # noqa: ANN001
+def train(model: nn.Module, data, steps: int, lr: float, batch: int, seed: int = 0) -> float:
     """``steps`` AdamW steps (cosine from ``lr``, weight decay 0.01); the last 20 steps' mean loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -128,7 +128,7 @@ def train(model: nn.Module, data, steps: int, lr: float, batch: int, seed: int =
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data, batch: int = 500) -> float:  # noqa: ANN001
+def accuracy(model: nn.Module, data, batch: int = 500) -> float:
     model.eval()
     hit = n = 0
     for x, y in data.batches(batch, shuffle=False, drop_last=False) if hasattr(data, "images") else \
@@ -240,20 +240,21 @@ def main(argv: list[str] | None = None) -> int:
                          "paper_claim": CLAIM if kind == "searched" else None})
             print(f"[ae-bert] {a.model} r={r} {kind}: heads {alloc[0]} neurons {alloc[1]} pruned "
                   f"{100 * acc0:.2f}% -> fine-tuned {100 * acc:.2f}% params {n_params} (diff {diff:.1e})", flush=True)
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    prov.update(finished=provenance(a.threads)["date"], load=load, model=desc, seed=a.seed,
+    load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    prov.update(finished=provenance(a.threads)["date"], load=load, model=desc, seed=a.seed, task=a.task if a.model == "bert" else None,
                 base={"steps": a.base_steps, "lr": a.lr, "batch": a.batch_size, "final_loss": base_loss,
                       "test_accuracy": base_acc, "params": base_params, "seconds": round(base_seconds, 1)},
                 protocol={"ratio_applies_to": "heads and neurons separately", "score_batches": a.score_batches,
                           "probe_steps": a.probe_steps, "population": a.population, "generations": a.generations,
                           "finetune_steps": a.finetune_steps, "finetune_lr": a.finetune_lr,
-                          "optimizer": "AdamW, cosine, weight decay 0.01", "search_score": "mean loss on 4 "
-                          "validation batches after probe steps" + (" (training split)" if a.model == "tiny" else "")})
+                          "optimizer": "AdamW, cosine, weight decay 0.01",
+                          "search_score": ("mean loss on 4 validation batches after probe steps"
+                                           + (" (training split)" if a.model == "tiny" else ""))})
     lines = [f"# AE-BERT-style searched vs uniform pruning: {desc}", "",
-             f"Base: {a.base_steps} steps, test accuracy {100 * base_acc:.2f}%, {base_params:,} parameters. Each row: "
-             f"{a.finetune_steps} fine-tuning steps from the base weights.", "",
-             "| ratio | allocation | heads kept / layer | neurons kept / layer | acc pruned % | acc fine-tuned % | "
-             "params |", "|---:|---|---|---|---:|---:|---:|"]
+             (f"Base: {a.base_steps} steps, test accuracy {100 * base_acc:.2f}%, {base_params:,} parameters. Each row: "
+              f"{a.finetune_steps} fine-tuning steps from the base weights."), "",
+             ("| ratio | allocation | heads kept / layer | neurons kept / layer | acc pruned % | acc fine-tuned % | "
+              "params |"), "|---:|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['ratio']} | {r['allocation']} | {r['heads_kept']} | {r['neurons_kept']} | "
               f"{100 * r['test_accuracy_pruned']:.2f} | {100 * r['test_accuracy']:.2f} | {r['params']:,} |"
               for r in rows]

@@ -106,7 +106,7 @@ def find_layers(model: nn.Module, example: Tensor | dict) -> list[TLayer]:
         for h in handles:
             h.remove()
     layers, i = [], 0
-    parent = lambda n: n.rsplit(".", 1)[0] if "." in n else ""  # noqa: E731
+    parent = lambda n: n.rsplit(".", 1)[0] if "." in n else ""
     while i < len(order):
         (n0, l0), rest = order[i], order[i + 1:]
         if l0.out_features == 3 * l0.in_features and rest and rest[0][1].in_features == l0.in_features:
