@@ -47,6 +47,7 @@ from edgetrain.techniques import (
     MEBQAT,
     MobileTL,
     PatchExecute,
+    SmartDeal,
     SparseUpdate,
     Technique,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "LoRA",
     "MEBQAT",
     "PatchExecute",
+    "SmartDeal",
     "MobileTL",
     "Int8Frozen",
     "FrozenInference",

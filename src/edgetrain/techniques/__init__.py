@@ -21,6 +21,7 @@ from edgetrain.techniques.lora import LoRA
 from edgetrain.techniques.mebqat import MEBQAT
 from edgetrain.techniques.mobiletl import MobileTL
 from edgetrain.techniques.patch_execute import PatchExecute
+from edgetrain.techniques.smartdeal import SmartDeal
 from edgetrain.techniques.sparse_update import SparseUpdate
 
-__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "FrozenChunks", "FrozenInference", "GradientFilter", "Int8", "Int8Frozen", "KronA", "KronABlock", "LightNorm", "LiteResidual", "LoRA", "MEBQAT", "MobileTL", "PatchExecute", "SparseUpdate", "Technique"]
+__all__ = ["ActNN", "ApproxMultiply", "BiasOnly", "BNNEdge", "Checkpoint", "Comet", "Freeze", "FrozenChunks", "FrozenInference", "GradientFilter", "Int8", "Int8Frozen", "KronA", "KronABlock", "LightNorm", "LiteResidual", "LoRA", "MEBQAT", "MobileTL", "PatchExecute", "SmartDeal", "SparseUpdate", "Technique"]

@@ -197,7 +197,7 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
     from edgetrain.techniques import (ActNN, ApproxMultiply, BiasOnly, BNNEdge, Checkpoint, Comet, Freeze,
                                       FrozenChunks, FrozenInference, GradientFilter, Int8, Int8Frozen, KronA,
                                       KronABlock, LightNorm, LiteResidual, LoRA, MobileTL,
-                                      SparseUpdate)
+                                      SmartDeal, SparseUpdate)
     from edgetrain.techniques.sparse_update import layers
 
     trained = layers(structure)
@@ -231,6 +231,7 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         # in plain PyTorch and are left out of the gradient comparison
         "mebqat": __import__("edgetrain.techniques", fromlist=["MEBQAT"]).MEBQAT(method="lsq", weight_bits=16,
                                                                                  act_bits=16),
+        "smartdeal": SmartDeal(iterations=1),  # one SED iteration keeps the zoo quick
     }
 
 
@@ -285,6 +286,11 @@ def _compare(model: nn.Module, got: dict[str, Tensor], ref: dict[str, Tensor]) -
             layer = model.get_submodule(name.rpartition(".")[0])
             dim = 1 if g.shape[1] != layer.weight.shape[1] or layer.weight.shape[1] != 1 else 0
             r = ref[name.replace("weight_part", "weight")].index_select(dim, layer.weight_keep)
+        elif name.endswith((".sd_C", ".sd_B")):  # SmartDeal: the STE chain rule at the rebuilt weights
+            from edgetrain.techniques.smartdeal import chain_grads
+
+            owner, _, leaf = name.rpartition(".")
+            r = chain_grads(model.get_submodule(owner), ref[f"{owner}.weight"])[leaf == "sd_B"]
         elif (ad := _adapter_of(model, name)) is not None:  # W + s * delta(theta): chain rule through delta
             layer = model.get_submodule(name.rpartition(".")[0])
             theta = getattr(layer, name.rpartition(".")[2]).detach().double().requires_grad_(True)
@@ -322,6 +328,7 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
     from edgetrain.inputs import call_model, tensors
     from edgetrain.measure import SavedTensorMeter, default_loss
     from edgetrain.registry import get
+    from edgetrain.techniques.smartdeal import dense_reference
     from edgetrain.testing import frozen_reference, kron_block_reference, lite_residual_reference
 
     original = model if model is not None else entry.build()
@@ -351,6 +358,7 @@ def evaluate(entry: ZooModel, cfg: Any, batch_size: int = 4, model: nn.Module | 
     ref_model = frozen_reference(original, work)
     kron_block_reference(ref_model, work)  # KronA^B's branches, with the Kronecker matrix formed
     lite_residual_reference(ref_model, work)  # TinyTL's branches as plain modules
+    dense_reference(ref_model, work)  # SmartDeal's rebuilt weights as plain weights
     trained = dict(work.named_parameters())
     for n, p in ref_model.named_parameters():  # a partial-weight or adapted layer's reference trains the whole weight
         if n.endswith(".weight") and any(f"{n.rpartition('.')[0]}.{k}" in trained for k in ("weight_part", "lora_A", "krona_A")):
