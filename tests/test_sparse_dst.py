@@ -329,3 +329,29 @@ def test_conv_model_trains_and_keeps_nnz() -> None:
     assert len(ds.history) == 4 and {n: m.nnz for n, m in ds.layers.items()} == nnz
     assert losses[-1] < losses[0]
     assert all(0.3 < v <= 1 for v in ds.coverage().values())
+
+
+@pytest.mark.parametrize("name", ["functional", "audio", "bert", "vit"])
+def test_foreign_zoo_models_train_a_step_with_their_supported_layers_sparse(name):
+    """Models edgetrain did not write: the exact Linear/Conv2d layers become sparse at the asked density, the rest
+    (grouped convs, Conv1d, attention's own projections) stay as they were, and one training step runs."""
+    import warnings
+
+    from edgetrain.inputs import call_model
+    from edgetrain.measure import default_loss
+    from edgetrain.testing.zoo import ZOO, available
+
+    if name not in available():
+        pytest.skip(f"{name} needs a test extra")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ZOO[name].build()
+    x, y = ZOO[name].batch(4)
+    dense = {n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1}
+    DynamicSparse(model, density=0.5, method="rigl", total_steps=10, distribution="uniform")
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear | SparseConv2d)}
+    assert sparse and set(sparse) <= dense
+    assert all(abs(m.nnz / math.prod(m.shape2d) - 0.5) < 0.01 for m in sparse.values())
+    default_loss(call_model(model, x), y).backward()
+    assert all(m.values.grad is not None and m.values.grad.shape == m.values.shape for m in sparse.values())

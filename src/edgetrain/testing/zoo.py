@@ -231,7 +231,9 @@ def zoo_configs(structure) -> dict[str, Any]:  # noqa: ANN001
         # in plain PyTorch and are left out of the gradient comparison
         "mebqat": __import__("edgetrain.techniques", fromlist=["MEBQAT"]).MEBQAT(method="lsq", weight_bits=16,
                                                                                  act_bits=16),
-        "smartdeal": SmartDeal(iterations=1),  # one SED iteration keeps the zoo quick
+        # SED (two starts per block) of every layer of the larger zoo models costs a minute of suite time: the last
+        # six convs and linears (tests/techniques/test_smartdeal.py runs whole models)
+        "smartdeal": SmartDeal(iterations=3, targets=structure.layers_of(("linear", "conv2d"))[-6:] or None),
     }
 
 
