@@ -60,6 +60,8 @@ def test_one_layer_by_hand():
     c = step_cost(one_linear(), parse_profile(d))
     assert c.time_s == pytest.approx(55.52 + 0.2 + 1.0)
     assert c.energy_j == pytest.approx(7764e-12 + 2.0 * 56.72)
+    (layer,) = c.layers  # the layer carries the board's power over its own time; the step overhead stays apart
+    assert layer["energy_j"] == pytest.approx(7764e-12 + 2.0 * 55.72)
 
 
 def test_efficiency_and_capacity_move_the_layer():

@@ -74,7 +74,7 @@ class StepCost:
     time_s: float | None
     energy_by: dict[str, float]  # compute, each level, active power
     time_by_pass: dict[str, float]
-    layers: list[dict[str, Any]]  # per layer: name, kind, macs, bytes, energy_j, time_s
+    layers: list[dict[str, Any]]  # name, kind, macs, bytes, energy_j (incl. active power x its time), time_s
     bytes_by_level: dict[str, float]
     resident_level: str
     resident_bytes: int
@@ -205,6 +205,8 @@ def step_cost(table: CostTable, profile: Profile, model: nn.Module | None = None
                 by_pass[p] += dt
                 t_layer += dt
         total_t += t_layer
+        if energy and want_time:  # the board's power while this layer runs
+            e_layer += profile.active_watts.value * t_layer
         layers.append({"name": t.name, "kind": t.kind, "macs": sum(t.macs.values()), "bytes": t.bytes(),
                        "energy_j": e_layer if energy else None, "time_s": t_layer if want_time else None})
     if want_time and profile.step_overhead_s is not None:
