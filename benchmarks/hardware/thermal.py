@@ -33,7 +33,7 @@ import edgetrain as et
 from edgetrain import smoke
 from edgetrain.bench import provenance, result_paths
 from edgetrain.cost import estimate
-from edgetrain.data import load_data
+from edgetrain.data import load_t2
 from edgetrain.hardware.thermal import (
     PHONE,
     PHONE_SOURCES,
@@ -186,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = result_paths(a.out, f"fashion-thermal{'-individual' if a.individual else ''}-{a.name}", force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
-    try:
-        train_data = load_data("fashion-mnist", "train", channels=1, normalize="dataset")
-        test_data = load_data("fashion-mnist", "test", channels=1, normalize="dataset")
-    except et.EdgetrainError as e:
-        raise SystemExit(f"Fashion-MNIST is needed for T2 (Debian package dataset-fashion-mnist): {e}")
-    test_data.transform = train_data.transform  # evaluate with the training split's statistics
+    train_data, test_data = load_t2()
     test = list(test_data.batches(1000, shuffle=False, drop_last=False))
     if a.individual:
         return individual(a, train_data, test, paths, prov)

@@ -35,7 +35,7 @@ from torch import nn
 import edgetrain as et
 from edgetrain import smoke
 from edgetrain.bench import provenance, result_paths
-from edgetrain.data import load_data
+from edgetrain.data import load_t2
 from edgetrain.hardware.variation import Variation, accuracy, expected_accuracy, nominal, variation_step, worst_case
 from edgetrain.report import run_main, write_report
 from edgetrain.train import TrainConfig, lr_at
@@ -127,12 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = result_paths(a.out, f"fashion-variation-{a.name}", force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
-    try:
-        train_data = load_data("fashion-mnist", "train", channels=1, normalize="dataset")
-        test_data = load_data("fashion-mnist", "test", channels=1, normalize="dataset")
-    except et.EdgetrainError as e:
-        raise SystemExit(f"Fashion-MNIST is needed for T2 (Debian package dataset-fashion-mnist): {e}")
-    test_data.transform = train_data.transform  # evaluate with the training split's statistics
+    train_data, test_data = load_t2()
     test = list(test_data.batches(1000, shuffle=False, drop_last=False))
     x_all, y_all = torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
     search = [(x_all[i:i + 1000], y_all[i:i + 1000]) for i in range(0, min(a.search, len(y_all)), 1000)]

@@ -38,7 +38,7 @@ from torch import nn
 import edgetrain as et
 from edgetrain import smoke
 from edgetrain.bench import provenance, result_paths
-from edgetrain.data import load_data
+from edgetrain.data import load_t2
 from edgetrain.lowp.fakequant import FP, set_bits
 from edgetrain.lowp.intexport import export_integer, load_integer
 from edgetrain.mebqat import EVAL_BITS, MEBQATTraining, calibrate, evaluate_bitwidths
@@ -178,12 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = result_paths(a.out, stem, force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
-    try:
-        train_data = load_data("fashion-mnist", "train", channels=1, normalize="dataset")
-        test_data = load_data("fashion-mnist", "test", channels=1, normalize="dataset")
-    except et.EdgetrainError as e:
-        raise SystemExit(f"Fashion-MNIST is needed for T2 (Debian package dataset-fashion-mnist): {e}")
-    test_data.transform = train_data.transform  # evaluate with the training split's statistics
+    train_data, test_data = load_t2()
     example = next(iter(train_data.batches(2, shuffle=False)))[0]  # (2, 1, 28, 28)
     torch.manual_seed(0)
     base = cnn(a.width)

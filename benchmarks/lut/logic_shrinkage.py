@@ -30,10 +30,9 @@ import subprocess
 
 import torch
 
-import edgetrain as et
 from edgetrain import smoke
 from edgetrain.bench import plain_log_ticks, provenance, result_paths
-from edgetrain.data import load_data
+from edgetrain.data import load_t2
 from edgetrain.lut.pipeline import (
     LUTMLP,
     STAGE_FRACTIONS,
@@ -119,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = result_paths(a.out, f"fashion-{a.name}", force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
-    try:
-        train_data = load_data("fashion-mnist", "train", channels=1, normalize="dataset")
-        test_data = load_data("fashion-mnist", "test", channels=1, normalize="dataset")
-    except et.EdgetrainError as e:
-        raise SystemExit(f"Fashion-MNIST is needed (Debian package dataset-fashion-mnist): {e}")
-    test_data.transform = train_data.transform
+    train_data, test_data = load_t2()
     fit = {"lr": a.lr, "batch_size": a.batch_size, "log": log, "seed": a.seed}
     torch.manual_seed(a.seed)
     sizes = (784, a.hidden, a.hidden, 10)

@@ -33,7 +33,7 @@ from torch import nn
 import edgetrain as et
 from edgetrain import smoke
 from edgetrain.bench import provenance, result_paths
-from edgetrain.data import load_data
+from edgetrain.data import load_t2
 from edgetrain.measure import PeakMeter
 from edgetrain.report import run_main, write_report
 from edgetrain.sparse import DynamicSparse
@@ -182,12 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = result_paths(a.out, a.name, force=a.force)
     torch.set_num_threads(a.threads)
     prov = provenance(a.threads)
-    try:
-        train_data = load_data("fashion-mnist", "train", channels=1, normalize="dataset")
-        test_data = load_data("fashion-mnist", "test", channels=1, normalize="dataset")
-    except et.EdgetrainError as e:
-        raise SystemExit(f"Fashion-MNIST is needed for T2 (Debian package dataset-fashion-mnist): {e}") from None
-    test_data.transform = train_data.transform
+    train_data, test_data = load_t2()
     batch = next(iter(train_data.batches(a.batch_size, shuffle=False)))
     rows = []
 

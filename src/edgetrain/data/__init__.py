@@ -22,7 +22,7 @@ from edgetrain.data.idx import (
     load_idx_dir,
     read_idx,
 )
-from edgetrain.data.sources import IMAGENET_MEAN, IMAGENET_STD, default_source, load_data
+from edgetrain.data.sources import IMAGENET_MEAN, IMAGENET_STD, default_source, load_data, load_t2
 
 __all__ = [
     "DEBIAN_FASHION_MNIST",
@@ -38,6 +38,7 @@ __all__ = [
     "default_source",
     "find_fashion_mnist",
     "load_data",
+    "load_t2",
     "load_idx_dir",
     "load_image_folder",
     "load_npz",

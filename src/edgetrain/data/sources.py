@@ -16,7 +16,7 @@ from edgetrain.data.files import SPLITS, load_image_folder, load_npz
 from edgetrain.data.signals import WAV_SUFFIXES, load_table, load_wav_folder, load_windows
 from edgetrain.data.idx import DIGIT_CLASSES, find_fashion_mnist, has_idx_files, load_fashion_mnist, load_idx_dir, \
     load_mnist
-from edgetrain.errors import ConfigError, DataError
+from edgetrain.errors import ConfigError, DataError, EdgetrainError
 
 # torchvision's ImageNet statistics (torchvision.models weights' transforms), the inputs its pretrained models expect
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -200,3 +200,15 @@ def load_data(source: str | Path | None = None, split: str = "train", *, image_s
         raise DataError(f"{data.name}: cannot turn {data.images.shape[1]}-channel images into 3 channels")
     mean, std = _normalisation(data, normalize, channels)
     return data.with_transform(Transform(image_size, channels, mean, std))
+
+
+def load_t2() -> tuple[ImageData, ImageData]:
+    """T2's data: Fashion-MNIST's train and test splits, one channel, both normalised with the training split's
+    statistics. A missing dataset is one line naming the Debian package."""
+    try:
+        train = load_data("fashion-mnist", "train", channels=1, normalize="dataset")
+        test = load_data("fashion-mnist", "test", channels=1, normalize="dataset")
+    except EdgetrainError as e:
+        raise ConfigError(f"Fashion-MNIST is needed for T2 (Debian package dataset-fashion-mnist): {e}") from None
+    test.transform = train.transform  # evaluate with the training split's statistics
+    return train, test
