@@ -87,13 +87,18 @@ def _numel(shape: tuple | None) -> int:
     return math.prod(shape) if shape else 0
 
 
+def _module(model: nn.Module | None, name: str) -> nn.Module | None:
+    """The row's module, or ``None`` (no model given, or a row such as ``(loss)`` that names no module)."""
+    if model is None:
+        return None
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        return None
+
+
 def _kind(model: nn.Module | None, name: str, row_kind: str) -> str:
-    m = None
-    if model is not None:
-        try:
-            m = model.get_submodule(name) if name else model
-        except AttributeError:
-            m = None
+    m = _module(model, name)
     if isinstance(m, nn.Conv2d | nn.Conv1d):
         return "depthwise" if m.groups > 1 and m.groups == m.in_channels else "conv"
     if isinstance(m, nn.Linear):
@@ -101,14 +106,8 @@ def _kind(model: nn.Module | None, name: str, row_kind: str) -> str:
     return {"Conv2d": "conv", "Conv1d": "conv", "Linear": "linear"}.get(row_kind, "other")
 
 
-def _weight_trains(model: nn.Module | None, name: str, row) -> bool:
-    m = None
-    if model is not None:
-        try:
-            m = model.get_submodule(name) if name else None
-        except AttributeError:
-            m = None
-    w = getattr(m, "weight", None)
+def _weight_trains(model: nn.Module | None, name: str, row) -> bool:  # noqa: ANN001
+    w = getattr(_module(model, name), "weight", None) if name else None  # the root's own row: by its bytes
     if isinstance(w, nn.Parameter):
         return w.requires_grad
     return row.trainable_bytes > 0
